@@ -1,0 +1,111 @@
+"""`hallulens activations ls|show|stats|verify`: look into a store from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from hallulens_capture.errors import StoreError
+from hallulens_capture.report import check_record, summarize, verify
+from hallulens_capture.store import open_store
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with open_store(args.path) as store:
+        print(f"{'key':<68} {'task':<24} {'doc':>5} {'layers':>6} {'tokens':>6} {'hidden':>6} "
+              f"{'dtype':<8} {'bytes':>12}  model")
+        for n, key in enumerate(store):
+            if args.limit is not None and n >= args.limit:
+                print(f"... {len(store) - n} more")
+                break
+            r = store[key]
+            layers, tokens, hidden = r.shape
+            doc = "" if r.doc_id is None else r.doc_id
+            print(f"{key:<68} {(r.task or '-')[:24]:<24} {doc!s:>5} {layers:>6} {tokens:>6} "
+                  f"{hidden:>6} {r.dtype:<8} {r.nbytes:>12}  {r.model}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with open_store(args.path) as store:
+        if args.key not in store:
+            raise StoreError(f"no record {args.key} in {args.path}")
+        r = store[args.key]
+        for name in ("model", "backend", "task", "doc_id", "timestamp", "capture_tokens", "dtype"):
+            print(f"{name:>20}: {getattr(r, name)}")
+        print(f"{'gen_kwargs':>20}: {json.dumps(r.gen_kwargs)}")
+        print(f"{'prompt':>20}: {r.prompt!r}")
+        print(f"{'response':>20}: {r.response!r}")
+        print(f"{'prompt_token_ids':>20}: {len(r.prompt_token_ids)} tokens")
+        print(f"{'generated_token_ids':>20}: {len(r.generated_token_ids)} tokens")
+        positions = r.token_positions
+        span = f"{positions[0]}..{positions[-1]}" if len(positions) else "none"
+        print(f"{'token_positions':>20}: {span} ({len(positions)})")
+        print(f"{'all_layers_activations':>20}: shape {list(r.shape)}, {r.storage_dtype}, "
+              f"{_mib(r.nbytes)} record")
+        print(f"{'activations':>20}: shape {list(r.activations.shape)} (layer {int(r.layer_ids[-1])})")
+        print("  layer  mean |h|_2   max |h|")
+        for layer in r.layer_ids:
+            values = r.slice(layers=[int(layer)])[0].astype(np.float32)
+            norm = float(np.linalg.norm(values, axis=-1).mean()) if values.size else 0.0
+            peak = float(np.abs(values).max()) if values.size else 0.0
+            print(f"  {int(layer):>5}  {norm:>11.3f}  {peak:>8.3f}")
+        problems = check_record(r)
+        print("  ok" if not problems else "  problems: " + "; ".join(problems))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with open_store(args.path) as store:
+        stats = summarize(store).as_dict()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"store        : {args.path}")
+    print(f"records      : {stats['records']}")
+    print(f"record bytes : {stats['record_bytes']} ({_mib(stats['record_bytes'])})")
+    print(f"map          : {_mib(stats['used_bytes'])} used of {_mib(stats['map_size'])}")
+    tpr = stats["tokens_per_record"]
+    print(f"tokens       : {stats['tokens']} (per record min {tpr['min']}, "
+          f"mean {tpr['mean']:.1f}, max {tpr['max']})")
+    for name in ("layers", "hidden_sizes", "dtypes", "capture_tokens", "models", "backends", "tasks"):
+        values = ", ".join(f"{k} x{v}" for k, v in stats[name].items()) or "-"
+        print(f"{name:<13}: {values}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_store(args.path) as store:
+        total = len(store)
+        bad = verify(store, read_values=not args.headers_only)
+    for key, problems in bad.items():
+        print(f"BAD {key}: {'; '.join(problems)}")
+    print(f"{total - len(bad)} of {total} records ok")
+    return 1 if bad else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("activations", help="inspect an activation store")
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("ls", help="one line per record")
+    p.add_argument("path")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("show", help="one record: fields, shapes, per-layer norms")
+    p.add_argument("key")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("stats", help="counts and sizes over the whole store")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("verify", help="check every record; exit 1 if any is bad")
+    p.add_argument("path")
+    p.add_argument("--headers-only", action="store_true", help="skip reading activation values")
+    p.set_defaults(func=cmd_verify)

@@ -1,0 +1,25 @@
+"""Exceptions with messages a user can act on; the CLIs print them as one line."""
+
+
+class HalluLensError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class CaptureConfigError(HalluLensError, ValueError):
+    """A capture option (model_args or environment) is malformed or out of range."""
+
+
+class ModelFilesError(HalluLensError, FileNotFoundError):
+    """Model files the user asked for are missing or unusable."""
+
+
+class StoreError(HalluLensError):
+    """The activation store cannot be opened, read or written."""
+
+
+class RecordFormatError(StoreError):
+    """A stored value is not a valid record."""
+
+
+class CaptureError(HalluLensError, RuntimeError):
+    """The engine did not give what capture needs; nothing is stored rather than garbage."""

@@ -1,0 +1,248 @@
+"""One generation's record: safetensors bytes, written in one piece and read zero-copy.
+
+Layout (plain safetensors, readable by `safetensors.numpy.load`): 8-byte little-endian header
+length, a JSON header (tensor dtypes, shapes, byte offsets, and `__metadata__` holding the string
+fields), then the raw tensors. The activations come first, so they start 8-byte aligned and a
+slice of some layers x some tokens touches only those bytes of the memory map.
+
+Tensors: `all_layers_activations` [n_layers, n_tokens, hidden] (F16 / BF16 / F32), `layer_ids`,
+`token_positions`, `prompt_token_ids`, `generated_token_ids` (I32). Metadata: `prompt`,
+`response`, `model`, `timestamp`, `backend`, `task`, `doc_id`, `capture_tokens`, `dtype`,
+`gen_kwargs` (JSON), `format`. `activations` (the last captured layer) is a view, not stored.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+
+import numpy as np
+
+from hallulens_capture.errors import RecordFormatError
+
+RECORD_FORMAT = "hallulens-record/1"
+ACTIVATIONS = "all_layers_activations"
+INDEX_TENSORS = ("layer_ids", "token_positions", "prompt_token_ids", "generated_token_ids")
+METADATA_FIELDS = (
+    "prompt",
+    "response",
+    "model",
+    "timestamp",
+    "backend",
+    "task",
+    "doc_id",
+    "capture_tokens",
+    "dtype",
+    "gen_kwargs",
+    "format",
+)
+# safetensors dtype label -> numpy dtype of the stored bytes (BF16 is kept as its raw bits)
+STORAGE_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I32": np.int32}
+CAPTURE_DTYPE_LABELS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def encode_record(
+    activations: np.ndarray,
+    dtype_label: str,
+    index: Mapping[str, Sequence[int] | np.ndarray],
+    metadata: Mapping[str, str],
+) -> bytearray:
+    """Serialise one record into a single buffer (one copy of the activations).
+
+    `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16).
+    """
+    if dtype_label not in ("F16", "BF16", "F32"):
+        raise ValueError(f"unsupported activation dtype {dtype_label}")
+    arrays: list[tuple[str, str, np.ndarray]] = [
+        (ACTIVATIONS, dtype_label, np.ascontiguousarray(activations))
+    ]
+    for name in INDEX_TENSORS:
+        arrays.append((name, "I32", np.ascontiguousarray(index[name], dtype=np.int32)))
+    header: dict[str, object] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+    offset = 0
+    for name, label, array in arrays:
+        if array.dtype != STORAGE_DTYPES[label]:
+            raise ValueError(f"{name}: {array.dtype} does not hold {label}")
+        header[name] = {
+            "dtype": label,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % 8)
+    buf = bytearray(8 + len(raw) + offset)
+    struct.pack_into("<Q", buf, 0, len(raw))
+    buf[8 : 8 + len(raw)] = raw
+    start = 8 + len(raw)
+    for _, _, array in arrays:
+        view = np.frombuffer(buf, dtype=array.dtype, count=array.size, offset=start)
+        view[...] = array.reshape(-1)
+        start += array.nbytes
+    return buf
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class Record:
+    """A parsed record over a buffer (usually LMDB's memory map: nothing is copied).
+
+    Arrays returned by attributes are views into that buffer and stay valid while the store's
+    read snapshot is open; `slice()` returns a copy of just the requested part. BF16 activations
+    are returned as float32 (numpy has no bfloat16), converting only what is read.
+    """
+
+    def __init__(self, key: str, buffer: bytes | bytearray | memoryview):
+        self.key = key
+        self._buf = memoryview(buffer)
+        size = len(self._buf)
+        if size < 8:
+            raise RecordFormatError(f"record {key}: {size} bytes, too short for a header")
+        (hlen,) = struct.unpack_from("<Q", self._buf, 0)
+        if hlen > size - 8:
+            raise RecordFormatError(f"record {key}: header length {hlen} exceeds value size {size}")
+        try:
+            header = json.loads(bytes(self._buf[8 : 8 + hlen]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RecordFormatError(f"record {key}: header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise RecordFormatError(f"record {key}: header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict):
+            raise RecordFormatError(f"record {key}: no __metadata__ in header")
+        self.metadata: dict[str, str] = meta
+        self._start = 8 + hlen
+        self._tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            self._tensors[name] = self._check_entry(name, entry, size - self._start)
+        missing = [n for n in (ACTIVATIONS, *INDEX_TENSORS) if n not in self._tensors]
+        if missing:
+            raise RecordFormatError(f"record {key}: missing tensors {', '.join(missing)}")
+
+    def _check_entry(self, name: str, entry: object, data_size: int):
+        try:
+            label = entry["dtype"]  # type: ignore[index]
+            shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+            begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            raise RecordFormatError(f"record {self.key}: bad header entry for {name}") from None
+        if label not in STORAGE_DTYPES:
+            raise RecordFormatError(f"record {self.key}: {name} has unsupported dtype {label}")
+        itemsize = np.dtype(STORAGE_DTYPES[label]).itemsize
+        if not 0 <= begin <= end <= data_size or end - begin != itemsize * int(np.prod(shape)):
+            raise RecordFormatError(
+                f"record {self.key}: {name} offsets {begin}..{end} do not fit shape {list(shape)}"
+            )
+        return label, shape, begin, end
+
+    def _raw(self, name: str) -> np.ndarray:
+        label, shape, begin, end = self._tensors[name]
+        dtype = STORAGE_DTYPES[label]
+        count = (end - begin) // np.dtype(dtype).itemsize
+        return np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._start + begin).reshape(
+            shape
+        )
+
+    # --- tensors -------------------------------------------------------------------------
+    @property
+    def storage_dtype(self) -> str:
+        """safetensors label of the activations: F16, BF16 or F32."""
+        return self._tensors[ACTIVATIONS][0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """[n_layers, n_tokens, hidden] of `all_layers_activations`."""
+        return self._tensors[ACTIVATIONS][1]  # type: ignore[return-value]
+
+    def _values(self, part: np.ndarray) -> np.ndarray:
+        return _bf16_to_f32(part) if self.storage_dtype == "BF16" else part
+
+    @property
+    def all_layers_activations(self) -> np.ndarray:
+        return self._values(self._raw(ACTIVATIONS))
+
+    @property
+    def activations(self) -> np.ndarray:
+        """The last captured layer, [n_tokens, hidden]."""
+        return self._values(self._raw(ACTIVATIONS)[-1])
+
+    @property
+    def layer_ids(self) -> np.ndarray:
+        return self._raw("layer_ids")
+
+    @property
+    def token_positions(self) -> np.ndarray:
+        return self._raw("token_positions")
+
+    @property
+    def prompt_token_ids(self) -> np.ndarray:
+        return self._raw("prompt_token_ids")
+
+    @property
+    def generated_token_ids(self) -> np.ndarray:
+        return self._raw("generated_token_ids")
+
+    def slice(
+        self, layers: int | Iterable[int] | None = None, tokens: slice | Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Copy of some layers x some tokens: [len(layers), n_selected_tokens, hidden].
+
+        `layers` are layer ids as numbered by the model (values of `layer_ids`); `tokens` index
+        the record's token axis (a slice or a list of indices; see `token_positions`).
+        """
+        raw = self._raw(ACTIVATIONS)
+        stored = [int(i) for i in self._raw("layer_ids")]
+        if layers is None:
+            rows: list[int] | slice = slice(None)
+        else:
+            wanted = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+            missing = [int(i) for i in wanted if int(i) not in stored]
+            if missing:
+                raise KeyError(f"record {self.key} has no layer(s) {missing}; it holds {stored}")
+            rows = [stored.index(int(i)) for i in wanted]
+        cols = slice(None) if tokens is None else tokens
+        if isinstance(rows, slice):
+            part = raw[rows, cols]
+        else:
+            part = np.stack([raw[r, cols] for r in rows]) if rows else raw[:0, cols]
+        return self._values(part) if self.storage_dtype == "BF16" else np.array(part)
+
+    # --- metadata ------------------------------------------------------------------------
+    def _meta(self, name: str) -> str:
+        return self.metadata.get(name, "")
+
+    prompt = property(lambda self: self._meta("prompt"))
+    response = property(lambda self: self._meta("response"))
+    model = property(lambda self: self._meta("model"))
+    timestamp = property(lambda self: self._meta("timestamp"))
+    backend = property(lambda self: self._meta("backend"))
+    task = property(lambda self: self._meta("task"))
+    capture_tokens = property(lambda self: self._meta("capture_tokens"))
+    dtype = property(lambda self: self._meta("dtype"))
+
+    @property
+    def doc_id(self) -> int | None:
+        value = self._meta("doc_id")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    @property
+    def gen_kwargs(self) -> dict:
+        return json.loads(self._meta("gen_kwargs") or "{}")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._buf)
+
+    def __repr__(self) -> str:
+        return (
+            f"Record({self.key[:16]}…, model={self.model!r}, task={self.task!r}, "
+            f"doc_id={self.doc_id}, shape={list(self.shape)}, dtype={self.dtype})"
+        )

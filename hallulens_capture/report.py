@@ -1,0 +1,125 @@
+"""Summaries and integrity checks of a store (what `hallulens activations stats|verify` print)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hallulens_capture.errors import RecordFormatError
+from hallulens_capture.keys import prompt_hash
+from hallulens_capture.positions import token_positions
+from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, Record
+from hallulens_capture.store import ActivationStore
+
+REQUIRED_METADATA = ("prompt", "response", "model", "timestamp", "backend", "capture_tokens", "dtype")
+
+
+@dataclass
+class StoreSummary:
+    records: int = 0
+    record_bytes: int = 0
+    tokens: int = 0
+    token_counts: list[int] = field(default_factory=list)
+    layer_sets: Counter = field(default_factory=Counter)
+    hidden_sizes: Counter = field(default_factory=Counter)
+    models: Counter = field(default_factory=Counter)
+    tasks: Counter = field(default_factory=Counter)
+    backends: Counter = field(default_factory=Counter)
+    dtypes: Counter = field(default_factory=Counter)
+    scopes: Counter = field(default_factory=Counter)
+    usage: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        counts = self.token_counts or [0]
+        return {
+            "records": self.records,
+            "record_bytes": self.record_bytes,
+            "tokens": self.tokens,
+            "tokens_per_record": {"min": min(counts), "mean": float(np.mean(counts)), "max": max(counts)},
+            "layers": {_layers_text(k): v for k, v in self.layer_sets.items()},
+            "hidden_sizes": dict(self.hidden_sizes),
+            "models": dict(self.models),
+            "tasks": dict(self.tasks),
+            "backends": dict(self.backends),
+            "dtypes": dict(self.dtypes),
+            "capture_tokens": dict(self.scopes),
+            **self.usage,
+        }
+
+
+def _layers_text(ids: tuple[int, ...]) -> str:
+    if ids and list(ids) == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]} ({len(ids)})"
+    return ",".join(map(str, ids))
+
+
+def summarize(store: ActivationStore) -> StoreSummary:
+    """Counts over every record, reading only the records' headers and index tensors."""
+    summary = StoreSummary(usage=store.usage())
+    for key in store:
+        record = store[key]
+        n_layers, n_tokens, hidden = record.shape
+        summary.records += 1
+        summary.record_bytes += record.nbytes
+        summary.tokens += n_tokens
+        summary.token_counts.append(n_tokens)
+        summary.layer_sets[tuple(int(i) for i in record.layer_ids)] += 1
+        summary.hidden_sizes[hidden] += 1
+        summary.models[record.model] += 1
+        summary.tasks[record.task or "-"] += 1
+        summary.backends[record.backend] += 1
+        summary.dtypes[record.dtype] += 1
+        summary.scopes[record.capture_tokens] += 1
+    return summary
+
+
+def check_record(record: Record, *, read_values: bool = True) -> list[str]:
+    """Problems with one parsed record (empty when it is complete and consistent)."""
+    problems = []
+    meta = record.metadata
+    missing = [f for f in REQUIRED_METADATA if f not in meta]
+    if missing:
+        problems.append(f"missing metadata {', '.join(missing)}")
+    if meta.get("format") != RECORD_FORMAT:
+        problems.append(f"format {meta.get('format')!r} is not {RECORD_FORMAT}")
+    if not record.key.split("-")[0] == prompt_hash(record.prompt):
+        problems.append("key is not sha256 of the stored prompt")
+    if len(record.shape) != 3:
+        return [*problems, f"activations have shape {list(record.shape)}, expected 3 dims"]
+    n_layers, n_tokens, _ = record.shape
+    layer_ids = record.layer_ids
+    if len(layer_ids) != n_layers or np.any(np.diff(layer_ids) <= 0) or np.any(layer_ids < 0):
+        problems.append(f"layer_ids {layer_ids.tolist()} do not index {n_layers} layers")
+    if CAPTURE_DTYPE_LABELS.get(record.dtype) != record.storage_dtype:
+        problems.append(f"dtype {record.dtype!r} but data stored as {record.storage_dtype}")
+    try:
+        expected = token_positions(
+            record.capture_tokens, len(record.prompt_token_ids), len(record.generated_token_ids)
+        )
+    except ValueError:
+        problems.append(f"unknown capture_tokens {record.capture_tokens!r}")
+    else:
+        if not np.array_equal(record.token_positions, expected) or n_tokens != len(expected):
+            problems.append(
+                f"{n_tokens} token rows / positions do not match capture_tokens="
+                f"{record.capture_tokens} for {len(record.prompt_token_ids)} prompt + "
+                f"{len(record.generated_token_ids)} generated tokens"
+            )
+    if read_values and not problems and not np.all(np.isfinite(record.all_layers_activations)):
+        problems.append("activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)")
+    return problems
+
+
+def verify(store: ActivationStore, *, read_values: bool = True) -> dict[str, list[str]]:
+    """Check every record; returns key -> problems for the bad ones."""
+    bad: dict[str, list[str]] = {}
+    for key in store:
+        try:
+            problems = check_record(store[key], read_values=read_values)
+        except RecordFormatError as exc:
+            problems = [str(exc)]
+        if problems:
+            bad[key] = problems
+    return bad

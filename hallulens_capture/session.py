@@ -1,0 +1,161 @@
+"""The one record writer all backends share: keys, resume, validation, writing.
+
+A backend hands over engine-neutral `CapturedSample`s; the session decides the key, checks the
+sample against the capture spec, builds the record and writes it. Before generating, `plan()`
+looks every request up in the store: a request whose record exists is not generated again
+(its stored response is returned), which is how an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hallulens_capture.errors import CaptureError, StoreError
+from hallulens_capture.keys import record_key
+from hallulens_capture.positions import token_positions
+from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, encode_record, utc_timestamp
+from hallulens_capture.spec import CaptureSpec
+from hallulens_capture.store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+def canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One generation request as the harness gave it."""
+
+    prompt: str
+    gen_kwargs: dict = field(default_factory=dict)
+    task: str | None = None
+    doc_id: int | None = None
+
+
+@dataclass
+class CapturedSample:
+    """What an engine captured for one generation, in engine-neutral form.
+
+    `activations` is [n_layers, n_tokens, hidden] in the storage dtype (uint16 bits for
+    bfloat16), rows in the order of `token_positions`.
+    """
+
+    prompt: str
+    prompt_token_ids: Sequence[int]
+    generated_token_ids: Sequence[int]
+    token_positions: np.ndarray
+    activations: np.ndarray
+
+
+class CaptureSession:
+    """Writes records for one model run into one store."""
+
+    def __init__(self, spec: CaptureSpec, layer_ids: Sequence[int], model: str, backend: str):
+        self.spec = spec
+        self.layer_ids = np.asarray(layer_ids, dtype=np.int32)
+        self.model = model
+        self.backend = backend
+        self.dtype_label = CAPTURE_DTYPE_LABELS[spec.dtype]
+        self.store = ActivationStore(spec.path, writable=True, map_size_gb=spec.map_size_gb)
+        self.written = 0
+
+    def info(self) -> dict[str, object]:
+        """Capture settings for the harness results' `config` section."""
+        return {
+            "activations": self.spec.path,
+            "capture_layers": [int(i) for i in self.layer_ids],
+            "capture_tokens": self.spec.tokens,
+            "capture_dtype": self.spec.dtype,
+        }
+
+    def plan(self, requests: Sequence[SampleRequest]) -> tuple[list[str], list[str | None]]:
+        """Keys for `requests` (in order) and the stored response of each one already captured."""
+        seen: Counter[str] = Counter()
+        keys, stored = [], []
+        for request in requests:
+            key = record_key(request.prompt, seen[request.prompt])
+            seen[request.prompt] += 1
+            keys.append(key)
+            stored.append(self._stored_response(key, request))
+        return keys, stored
+
+    def _stored_response(self, key: str, request: SampleRequest) -> str | None:
+        if key not in self.store:
+            return None
+        record = self.store[key]
+        wanted = {
+            "model": self.model,
+            "backend": self.backend,
+            "capture_tokens": self.spec.tokens,
+            "dtype": self.spec.dtype,
+            "gen_kwargs": canonical_json(request.gen_kwargs),
+        }
+        found = {name: record.metadata.get(name, "") for name in wanted}
+        if found["gen_kwargs"]:
+            found["gen_kwargs"] = canonical_json(json.loads(found["gen_kwargs"]))
+        differ = [f"{n}={found[n]!r} (now {wanted[n]!r})" for n in wanted if found[n] != wanted[n]]
+        if not np.array_equal(record.layer_ids, self.layer_ids):
+            differ.append(f"layers={record.layer_ids.tolist()} (now {self.layer_ids.tolist()})")
+        if differ:
+            raise StoreError(
+                f"{self.spec.path} already holds record {key} for this prompt, made with "
+                f"{'; '.join(differ)}: use a new activations= path for different settings"
+            )
+        return record.response
+
+    def write(self, key: str, request: SampleRequest, response: str, sample: CapturedSample) -> None:
+        """Check one captured sample against the spec and store it under `key`."""
+        if sample.prompt != request.prompt:
+            raise CaptureError(f"record {key}: engine output belongs to another prompt")
+        acts = sample.activations
+        expected = token_positions(
+            self.spec.tokens, len(sample.prompt_token_ids), len(sample.generated_token_ids)
+        )
+        if not np.array_equal(sample.token_positions, expected):
+            raise CaptureError(
+                f"record {key}: engine gave token positions {_span(sample.token_positions)}, "
+                f"expected {_span(expected)} for capture_tokens={self.spec.tokens}"
+            )
+        if acts.ndim != 3 or acts.shape[:2] != (len(self.layer_ids), len(expected)):
+            raise CaptureError(
+                f"record {key}: activations of shape {list(acts.shape)}, expected "
+                f"[{len(self.layer_ids)}, {len(expected)}, hidden]"
+            )
+        metadata = {
+            "prompt": request.prompt,
+            "response": response,
+            "model": self.model,
+            "timestamp": utc_timestamp(),
+            "backend": self.backend,
+            "task": request.task or "",
+            "doc_id": "" if request.doc_id is None else str(request.doc_id),
+            "capture_tokens": self.spec.tokens,
+            "dtype": self.spec.dtype,
+            "gen_kwargs": canonical_json(request.gen_kwargs),
+            "format": RECORD_FORMAT,
+        }
+        index = {
+            "layer_ids": self.layer_ids,
+            "token_positions": expected,
+            "prompt_token_ids": sample.prompt_token_ids,
+            "generated_token_ids": sample.generated_token_ids,
+        }
+        self.store.put(key, encode_record(acts, self.dtype_label, index, metadata))
+        self.written += 1
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _span(positions: np.ndarray) -> str:
+    if len(positions) == 0:
+        return "none"
+    return f"{int(positions[0])}..{int(positions[-1])} ({len(positions)})"

@@ -1,0 +1,145 @@
+"""What to capture: the `activations=`, `capture_*` and `map_size_gb` model_args, checked early.
+
+Everything here is validated before any model weights load, so a typo costs a second, not a
+model load. Layer ids follow one numbering on every engine: 0 = embedding output (the input of
+the first decoder layer), i = 1..L = the residual stream after decoder layer i, before the final
+norm. Negative ids count from the end: -1 is L.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from hallulens_capture.errors import CaptureConfigError
+
+ENV_STORE_PATH = "ACTIVATION_LMDB_PATH"
+TOKEN_SCOPES = ("generated", "prompt", "all")
+DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_MAP_SIZE_GB = 16.0
+
+_ITEM = re.compile(r"^(-?\d+)(?:\s*(?:-|:|\.\.)\s*(-?\d+))?$")
+
+
+def _layer_items(value: object) -> tuple[tuple[int, int], ...] | None:
+    """Parse `capture_layers` into inclusive (start, end) ranges; None means all layers.
+
+    Accepts what lm-eval's model_args parsers hand over: `all`, an int (or an integral float:
+    lm-eval turns `-1` into `-1.0`), a list, or a string of items separated by `,`, `;` or
+    spaces, each an id or an inclusive range `a-b` (also `a:b`, `a..b`; ids may be negative).
+    """
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    if isinstance(value, bool):
+        raise CaptureConfigError(f"capture_layers={value!r}: expected 'all', ids or ranges")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise CaptureConfigError(f"capture_layers={value!r}: layer ids are integers")
+        value = int(value)
+    if isinstance(value, int):
+        return ((value, value),)
+    if isinstance(value, (list, tuple)):
+        parts = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in value]
+    elif isinstance(value, str):
+        parts = [p for p in re.split(r"[,;\s]+", value.strip()) if p]
+    else:
+        raise CaptureConfigError(f"capture_layers={value!r}: expected 'all', ids or ranges")
+    if not parts:
+        raise CaptureConfigError("capture_layers is empty: give 'all', ids (0,8,16) or ranges (10-20)")
+    items = []
+    for part in parts:
+        match = _ITEM.match(part.strip())
+        if match is None:
+            raise CaptureConfigError(
+                f"capture_layers: {part!r} is not a layer id or range "
+                "(examples: all | 0,8,16 | 10-20 | -4--1)"
+            )
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) is not None else start
+        items.append((start, end))
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Validated capture options; `layer_ids(L)` resolves the layers once the model's depth is known."""
+
+    path: str
+    layers: tuple[tuple[int, int], ...] | None
+    tokens: str
+    dtype: str
+    map_size_gb: float
+
+    @classmethod
+    def from_model_args(
+        cls,
+        activations: object = None,
+        capture_layers: object = None,
+        capture_tokens: object = None,
+        capture_dtype: object = None,
+        map_size_gb: object = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> CaptureSpec | None:
+        """Build the spec from model_args; None when capture is off (no path given anywhere)."""
+        path = activations if activations not in (None, "") else environ.get(ENV_STORE_PATH) or None
+        if path is None:
+            given = {
+                "capture_layers": capture_layers,
+                "capture_tokens": capture_tokens,
+                "capture_dtype": capture_dtype,
+                "map_size_gb": map_size_gb,
+            }
+            named = [k for k, v in given.items() if v is not None]
+            if named:
+                raise CaptureConfigError(
+                    f"{', '.join(named)} given but capture is off: add activations=PATH "
+                    f"(or set {ENV_STORE_PATH})"
+                )
+            return None
+        if not isinstance(path, str):
+            raise CaptureConfigError(f"activations={path!r}: expected a directory path")
+        tokens = "generated" if capture_tokens is None else str(capture_tokens).strip().lower()
+        if tokens not in TOKEN_SCOPES:
+            raise CaptureConfigError(
+                f"capture_tokens={capture_tokens!r}: expected one of {', '.join(TOKEN_SCOPES)}"
+            )
+        dtype = "float16" if capture_dtype is None else str(capture_dtype).strip().lower()
+        if dtype not in DTYPES:
+            raise CaptureConfigError(
+                f"capture_dtype={capture_dtype!r}: expected one of {', '.join(DTYPES)}"
+            )
+        size = DEFAULT_MAP_SIZE_GB if map_size_gb is None else map_size_gb
+        try:
+            size = float(size)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            size = float("nan")
+        if not size > 0 or size == float("inf"):
+            raise CaptureConfigError(f"map_size_gb={map_size_gb!r}: expected a positive number")
+        return cls(
+            path=path,
+            layers=_layer_items("all" if capture_layers is None else capture_layers),
+            tokens=tokens,
+            dtype=dtype,
+            map_size_gb=size,
+        )
+
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        """Resolve to sorted unique ids in 0..num_layers (num_layers = decoder layers, L)."""
+        if self.layers is None:
+            return tuple(range(num_layers + 1))
+        count = num_layers + 1
+        ids: set[int] = set()
+        for start, end in self.layers:
+            lo, hi = (v + count if v < 0 else v for v in (start, end))
+            for v, raw in ((lo, start), (hi, end)):
+                if not 0 <= v < count:
+                    raise CaptureConfigError(
+                        f"capture_layers: layer {raw} is out of range for a model with "
+                        f"{num_layers} decoder layers (ids 0..{num_layers}, or -{count}..-1)"
+                    )
+            if lo > hi:
+                raise CaptureConfigError(f"capture_layers: range {start}-{end} is empty")
+            ids.update(range(lo, hi + 1))
+        return tuple(sorted(ids))

@@ -1,0 +1,252 @@
+"""The LMDB activation store: one record per generation, many readers, one writer at a time.
+
+An LMDB environment directory (`data.mdb`, `lock.mdb`) with named sub-databases:
+`records` (key -> record bytes, see record.py) and `info` (`format` marker). Writes are one
+transaction per record, so a killed writer leaves every committed record whole. The map grows
+on `MapFullError` and the write is retried; readers in other processes pick the new size up.
+`sync=False`: a committed record survives the writer process being killed (the kernel has it);
+only a machine crash before the final `sync()` on close may lose the last ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lmdb
+
+from hallulens_capture.errors import StoreError
+from hallulens_capture.record import Record
+from hallulens_capture.spec import DEFAULT_MAP_SIZE_GB
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = b"hallulens-activations/1"
+_RECORDS = b"records"
+_INFO = b"info"
+_MAX_DBS = 8
+_MAX_READERS = 1024
+_GIB = 1 << 30
+
+# py-lmdb refuses to open one environment twice in a process: share it between store objects.
+_ENVS: dict[str, list] = {}  # realpath -> [env, writable, users]
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire_env(path: str, writable: bool, map_size: int) -> lmdb.Environment:
+    real = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(real)
+        if entry is not None:
+            if writable and not entry[1]:
+                raise StoreError(
+                    f"{path}: already open read-only in this process; close those readers first"
+                )
+            entry[2] += 1
+            return entry[0]
+        try:
+            if writable:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                env = lmdb.open(
+                    path,
+                    map_size=map_size,
+                    subdir=True,
+                    max_dbs=_MAX_DBS,
+                    max_readers=_MAX_READERS,
+                    sync=False,
+                    metasync=False,
+                    readahead=True,
+                )
+            else:
+                if not os.path.isfile(os.path.join(path, "data.mdb")):
+                    raise StoreError(f"no activation store at {path} (no data.mdb)")
+                env = lmdb.open(
+                    path,
+                    readonly=True,
+                    create=False,
+                    subdir=True,
+                    max_dbs=_MAX_DBS,
+                    max_readers=_MAX_READERS,
+                    readahead=True,
+                )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open activation store {path}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot create activation store {path}: {exc.strerror}") from None
+        _ENVS[real] = [env, writable, 1]
+        return env
+
+
+def _release_env(path: str) -> None:
+    real = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(real)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] == 0:
+            del _ENVS[real]
+            if entry[1]:
+                entry[0].sync(True)
+            entry[0].close()
+
+
+class ActivationStore(Mapping[str, Record]):
+    """Mapping of key -> Record over a read snapshot; `put()` when opened writable.
+
+    Reads see the store as it was when the snapshot began (first read after open, `refresh()`
+    or a `put()`); arrays from records are views into the memory map, valid until the next
+    `refresh()`, `put()` or `close()` of this object.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, writable: bool = False, map_size_gb: float = DEFAULT_MAP_SIZE_GB
+    ):
+        self.path = os.fspath(path)
+        self.writable = writable
+        self._env = _acquire_env(self.path, writable, max(int(map_size_gb * _GIB), 1 << 20))
+        self._txn: lmdb.Transaction | None = None
+        try:
+            self._records, self._info = self._open_dbs()
+        except BaseException:
+            _release_env(self.path)
+            raise
+
+    def _open_dbs(self):
+        env = self._env
+        try:
+            if self.writable:
+                with env.begin(write=True) as txn:
+                    records = env.open_db(_RECORDS, txn=txn, create=True)
+                    info = env.open_db(_INFO, txn=txn, create=True)
+                    found = txn.get(b"format", db=info)
+                    if found is None:
+                        txn.put(b"format", STORE_FORMAT, db=info)
+            else:  # handles opened inside a read transaction would close with it
+                records = env.open_db(_RECORDS, create=False)
+                info = env.open_db(_INFO, create=False)
+                with env.begin() as txn:
+                    found = txn.get(b"format", db=info)
+        except lmdb.NotFoundError:
+            raise StoreError(f"{self.path} is an LMDB environment but not an activation store") from None
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open activation store {self.path}: {exc}") from None
+        if found is not None and bytes(found) != STORE_FORMAT:
+            raise StoreError(
+                f"{self.path}: store format {bytes(found).decode(errors='replace')!r} is not "
+                f"{STORE_FORMAT.decode()}"
+            )
+        return records, info
+
+    # --- reading -------------------------------------------------------------------------
+    def _snapshot(self) -> lmdb.Transaction:
+        if self._txn is None:
+            try:
+                self._txn = self._env.begin(buffers=True)
+            except lmdb.MapResizedError:  # another process grew the map
+                self._env.set_mapsize(0)
+                self._txn = self._env.begin(buffers=True)
+        return self._txn
+
+    def refresh(self) -> None:
+        """Drop the read snapshot; the next read sees every record committed since."""
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+    def __getitem__(self, key: str) -> Record:
+        value = self._snapshot().get(key.encode("utf-8"), db=self._records)
+        if value is None:
+            raise KeyError(key)
+        return Record(key, value)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return self._snapshot().get(key.encode("utf-8"), db=self._records) is not None
+
+    def __len__(self) -> int:
+        return self._snapshot().stat(self._records)["entries"]
+
+    def __iter__(self) -> Iterator[str]:
+        with self._snapshot().cursor(db=self._records) as cursor:
+            for key in cursor.iternext(keys=True, values=False):
+                yield bytes(key).decode("utf-8")
+
+    def value_sizes(self) -> Iterator[tuple[str, int]]:
+        """(key, stored bytes) of every record, without touching the records' data."""
+        with self._snapshot().cursor(db=self._records) as cursor:
+            for key, value in cursor.iternext(keys=True, values=True):
+                yield bytes(key).decode("utf-8"), len(value)
+
+    def usage(self) -> dict[str, int]:
+        """Map size and bytes in use (pages), for stats and map-growth decisions."""
+        info = self._env.info()
+        stat = self._env.stat()
+        used = stat["psize"] * (info["last_pgno"] + 1)
+        return {"map_size": info["map_size"], "used_bytes": used, "page_size": stat["psize"]}
+
+    # --- writing -------------------------------------------------------------------------
+    def put(self, key: str, value: bytes | bytearray | memoryview) -> None:
+        """Write one new record in its own transaction, growing the map as often as needed.
+
+        An existing key is never overwritten: that would mean two writers produced the same
+        sample, and one of them would be lost silently.
+        """
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        self.refresh()  # growing the map needs no open transaction in this process
+        encoded = key.encode("utf-8")
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    added = txn.put(encoded, value, db=self._records, overwrite=False)
+                break
+            except lmdb.MapFullError:
+                self._grow(len(value))
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise StoreError(
+                    f"{self.path}: could not write record {key} ({len(value) / 1e6:.1f} MB): {exc}; "
+                    "records written before are intact"
+                ) from None
+        if not added:
+            raise StoreError(f"{self.path}: record {key} exists already; it is kept as it was")
+
+    def _grow(self, needed: int) -> None:
+        current = self._env.info()["map_size"]
+        new = max(current * 2, current + 2 * needed + (1 << 20))
+        log.info("activation store %s: map full, growing %d -> %d MiB", self.path, current >> 20, new >> 20)
+        try:
+            self._env.set_mapsize(new)
+        except lmdb.Error as exc:
+            raise StoreError(f"{self.path}: cannot grow the map to {new >> 20} MiB: {exc}") from None
+
+    # --- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._env is None:
+            return
+        self.refresh()
+        self._env = None  # type: ignore[assignment]
+        _release_env(self.path)
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_store(path: str | os.PathLike) -> ActivationStore:
+    """Open an activation store for reading (several processes may read while one writes)."""
+    return ActivationStore(path)

@@ -1,0 +1,1 @@
+"""Engine glue: lm-eval model backends that capture activations through hallulens_capture."""

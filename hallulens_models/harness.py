@@ -1,0 +1,122 @@
+"""Harness-side capture shared by every hallulens-* backend.
+
+The parent classes (HFLM, VLLM, ...) keep doing all the work of `generate_until`: batching,
+sorting, stop strings, post-processing. This mixin wraps it: it skips requests whose record is
+already stored (resume), and routes each output to its record through the harness's cache hook,
+which every backend calls exactly once per output, in output order, with `(context, gen_kwargs)`.
+The engine glue queues one `CapturedSample` per output in the same order via `_captured()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import defaultdict, deque
+
+from hallulens_capture.errors import CaptureError, HalluLensError
+from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest, canonical_json
+
+log = logging.getLogger(__name__)
+
+
+class _OutputRouter:
+    """Stands in for the cache hook during one `generate_until`, pairing outputs with records."""
+
+    def __init__(self, session: CaptureSession, hook, requests: list[SampleRequest], keys: list[str]):
+        self._session = session
+        self._hook = hook
+        self._requests = requests
+        self._keys = keys
+        self._waiting: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+        for i, request in enumerate(requests):
+            self._waiting[(request.prompt, canonical_json(request.gen_kwargs))].append(i)
+        self.pending: deque[CapturedSample] = deque()
+
+    def add_partial(self, attr: str, req, res) -> None:
+        self._hook.add_partial(attr, req, res)
+        if attr != "generate_until":
+            return
+        context, gen_kwargs = req
+        if not self.pending:
+            raise CaptureError("the engine returned an output without captured activations")
+        sample = self.pending.popleft()
+        queue = self._waiting.get((context, canonical_json(gen_kwargs)))
+        if sample.prompt != context or not queue:
+            raise CaptureError("captured activations do not line up with the harness's outputs")
+        i = queue.popleft()
+        self._session.write(self._keys[i], self._requests[i], res, sample)
+
+    def __getattr__(self, name: str):
+        return getattr(self._hook, name)
+
+
+class CaptureMixin:
+    """Put before the harness LM class in the bases: `class X(CaptureMixin, HFLM)`."""
+
+    _capture: CaptureSession | None = None
+    _router: _OutputRouter | None = None
+
+    def _start_capture(self, session: CaptureSession) -> None:
+        self._capture = session
+        log.info("capturing activations into %s: %s", session.spec.path, session.info())
+
+    @property
+    def capturing(self) -> bool:
+        """True while a `generate_until` with capture is running (engine glue checks this)."""
+        return self._router is not None
+
+    def _captured(self, sample: CapturedSample) -> None:
+        if self._router is None:
+            raise CaptureError("activations captured outside generate_until")
+        self._router.pending.append(sample)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        session = self._capture
+        if session is None or not requests:
+            return super().generate_until(requests, disable_tqdm)  # type: ignore[misc]
+        if getattr(self.cache_hook, "dbdict", None) is not None:  # type: ignore[attr-defined]
+            log.warning(
+                "--use_cache is on: requests answered from the harness cache never reach the model "
+                "and get no activation record; the store itself already resumes runs"
+            )
+        samples = [
+            SampleRequest(r.args[0], dict(r.args[1]), r.task_name, r.doc_id) for r in requests
+        ]
+        keys, results = session.plan(samples)
+        todo = [i for i, text in enumerate(results) if text is None]
+        if len(todo) < len(requests):
+            log.warning(
+                "resuming: %d of %d generations already in %s are not run again",
+                len(requests) - len(todo), len(requests), session.spec.path,
+            )
+        if todo:
+            router = _OutputRouter(
+                session, self.cache_hook, [samples[i] for i in todo], [keys[i] for i in todo]  # type: ignore[attr-defined]
+            )
+            hook, self.cache_hook, self._router = self.cache_hook, router, router  # type: ignore[attr-defined]
+            try:
+                texts = super().generate_until([requests[i] for i in todo], disable_tqdm)  # type: ignore[misc]
+            finally:
+                self.cache_hook, self._router = hook, None  # type: ignore[attr-defined]
+            if router.pending:
+                raise CaptureError(f"{len(router.pending)} captured samples had no harness output")
+            for i, text in zip(todo, texts, strict=True):
+                results[i] = text
+        log.info("activation store %s: %d records written", session.spec.path, session.written)
+        return results  # type: ignore[return-value]
+
+
+def install_excepthook() -> None:
+    """Print our own errors as one line when nothing else catches them (the `lm_eval` CLI)."""
+    previous = sys.excepthook
+    if getattr(previous, "_hallulens", False):
+        return
+
+    def hook(kind, value, tb):
+        if isinstance(value, HalluLensError):
+            print(f"lm-eval-hallulens: error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    hook._hallulens = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -1,0 +1,126 @@
+"""`hallulens-hf`: the harness's HFLM, plus activation capture during `generate_until`.
+
+Everything HFLM does is untouched (loglikelihood, batching, chat templates); with
+`activations=PATH` each generation's residual stream goes to the store. Capture sits in two
+overrides: `tok_batch_encode` remembers the batch's prompts, `_model_generate` records the
+forward steps of `model.generate` through `LayerTap` and turns each batch row into a
+`CapturedSample` (left padding dropped, positions counted per row).
+"""
+
+from __future__ import annotations
+
+import transformers
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from hallulens_capture.errors import CaptureConfigError, CaptureError, ModelFilesError
+from hallulens_capture.positions import response_length, token_positions
+from hallulens_capture.session import CapturedSample, CaptureSession
+from hallulens_capture.spec import CaptureSpec
+from hallulens_models.embedded import resolve_pretrained
+from hallulens_models.harness import CaptureMixin, install_excepthook
+from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
+
+
+def _num_layers(pretrained: str | transformers.PreTrainedModel, kwargs: dict) -> int:
+    """Decoder depth from the config alone, so bad capture options fail before weights load."""
+    if isinstance(pretrained, transformers.PreTrainedModel):
+        config = pretrained.config
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                pretrained,
+                revision=kwargs.get("revision", "main"),
+                trust_remote_code=kwargs.get("trust_remote_code", False),
+                subfolder=kwargs.get("subfolder", ""),
+                gguf_file=kwargs.get("gguf_file"),
+            )
+        except (OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFilesError(f"pretrained={pretrained}: cannot read the model config: {reason}") from None
+    return config.get_text_config().num_hidden_layers
+
+
+@register_model("hallulens-hf")
+class HalluLensHFLM(CaptureMixin, HFLM):
+    def __init__(
+        self,
+        pretrained: str | transformers.PreTrainedModel = "gpt2",
+        activations: str | None = None,
+        capture_layers: object = None,
+        capture_tokens: str | None = None,
+        capture_dtype: str | None = None,
+        map_size_gb: float | None = None,
+        **kwargs,
+    ) -> None:
+        install_excepthook()
+        spec = CaptureSpec.from_model_args(
+            activations, capture_layers, capture_tokens, capture_dtype, map_size_gb
+        )
+        model_name = pretrained if isinstance(pretrained, str) else pretrained.name_or_path
+        if isinstance(pretrained, str):
+            pretrained = resolve_pretrained(pretrained)
+        layer_ids = spec.layer_ids(_num_layers(pretrained, kwargs)) if spec else None
+        self._batch_prompts: list[str] | None = None
+        super().__init__(pretrained=pretrained, **kwargs)
+        if spec is None:
+            return
+        if self.backend != "causal":
+            raise CaptureConfigError("activation capture needs a decoder-only (causal) model")
+        self._tap = LayerTap(self.model, layer_ids, TORCH_DTYPES[spec.dtype])
+        self._eos_ids = self._end_token_ids()
+        self._start_capture(CaptureSession(spec, layer_ids, model_name, backend="hf"))
+
+    def _end_token_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        if self._capture is not None:
+            info.update(self._capture.info())
+        return info
+
+    def tok_batch_encode(self, strings: list[str], *args, **kwargs):
+        self._batch_prompts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if not self.capturing:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        prompts, self._batch_prompts = self._batch_prompts, None
+        if prompts is None or len(prompts) != context.shape[0]:
+            raise CaptureError("generate call without its batch of prompts; cannot key the records")
+        if generation_kwargs.get("num_beams", 1) != 1 or generation_kwargs.get("num_return_sequences", 1) != 1:
+            raise CaptureError("activation capture supports one sequence per prompt (no beams)")
+        scope = self._capture.spec.tokens
+        with self._tap.recording(keep_prefill=scope != "generated", keep_decode=scope != "prompt") as log:
+            sequences = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        width = context.shape[1]
+        if log.lengths[:1] != [width] or sum(log.lengths) != sequences.shape[1] - 1:
+            raise CaptureError(
+                f"generate ran forward steps of {log.lengths[:4]}... tokens for a {width}-token "
+                f"batch and {sequences.shape[1] - width} new tokens; cannot place them"
+            )
+        mask = generation_kwargs.get("attention_mask")
+        prompt_lengths = mask.sum(dim=1).tolist() if mask is not None else [width] * len(prompts)
+        for row, (prompt, n_prompt) in enumerate(zip(prompts, prompt_lengths, strict=True)):
+            generated = sequences[row, width:].tolist()
+            generated = generated[: response_length(generated, self._eos_ids, stop, self.tok_decode)]
+            positions = token_positions(scope, n_prompt, len(generated))
+            n_decode = len(positions) - (n_prompt if scope != "generated" else 0)
+            acts = log.row(row, width - n_prompt, n_decode)
+            self._captured(
+                CapturedSample(
+                    prompt=prompt,
+                    prompt_token_ids=context[row, width - n_prompt :].tolist(),
+                    generated_token_ids=generated,
+                    token_positions=positions,
+                    activations=to_storage(acts),
+                )
+            )
+        return sequences
+

@@ -1,0 +1,1 @@
+"""HalluLens as harness tasks: YAML configs, prompt rendering, metrics, and the `hallulens` CLI."""
