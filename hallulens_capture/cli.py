@@ -18,8 +18,10 @@ def _mib(n: int) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args.path) as store:
-        print(f"{'key':<68} {'task':<24} {'doc':>5} {'layers':>6} {'tokens':>6} {'hidden':>6} "
-              f"{'dtype':<8} {'bytes':>12}  model")
+        print(
+            f"{'key':<68} {'task':<24} {'doc':>5} {'layers':>6} {'tokens':>6} {'hidden':>6} "
+            f"{'dtype':<8} {'bytes':>12}  model"
+        )
         for n, key in enumerate(store):
             if args.limit is not None and n >= args.limit:
                 print(f"... {len(store) - n} more")
@@ -27,8 +29,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
             r = store[key]
             layers, tokens, hidden = r.shape
             doc = "" if r.doc_id is None else r.doc_id
-            print(f"{key:<68} {(r.task or '-')[:24]:<24} {doc!s:>5} {layers:>6} {tokens:>6} "
-                  f"{hidden:>6} {r.dtype:<8} {r.nbytes:>12}  {r.model}")
+            print(
+                f"{key:<68} {(r.task or '-')[:24]:<24} {doc!s:>5} {layers:>6} {tokens:>6} "
+                f"{hidden:>6} {r.dtype:<8} {r.nbytes:>12}  {r.model}"
+            )
     return 0
 
 
@@ -47,9 +51,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         positions = r.token_positions
         span = f"{positions[0]}..{positions[-1]}" if len(positions) else "none"
         print(f"{'token_positions':>20}: {span} ({len(positions)})")
-        print(f"{'all_layers_activations':>20}: shape {list(r.shape)}, {r.storage_dtype}, "
-              f"{_mib(r.nbytes)} record")
-        print(f"{'activations':>20}: shape {list(r.activations.shape)} (layer {int(r.layer_ids[-1])})")
+        print(
+            f"{'all_layers_activations':>20}: shape {list(r.shape)}, {r.storage_dtype}, "
+            f"{_mib(r.nbytes)} record"
+        )
+        print(
+            f"{'activations':>20}: shape {list(r.activations.shape)} (layer {int(r.layer_ids[-1])})"
+        )
         print("  layer  mean |h|_2   max |h|")
         for layer in r.layer_ids:
             values = r.slice(layers=[int(layer)])[0].astype(np.float32)
@@ -72,9 +80,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"record bytes : {stats['record_bytes']} ({_mib(stats['record_bytes'])})")
     print(f"map          : {_mib(stats['used_bytes'])} used of {_mib(stats['map_size'])}")
     tpr = stats["tokens_per_record"]
-    print(f"tokens       : {stats['tokens']} (per record min {tpr['min']}, "
-          f"mean {tpr['mean']:.1f}, max {tpr['max']})")
-    for name in ("layers", "hidden_sizes", "dtypes", "capture_tokens", "models", "backends", "tasks"):
+    print(
+        f"tokens       : {stats['tokens']} (per record min {tpr['min']}, "
+        f"mean {tpr['mean']:.1f}, max {tpr['max']})"
+    )
+    for name in (
+        "layers",
+        "hidden_sizes",
+        "dtypes",
+        "capture_tokens",
+        "models",
+        "backends",
+        "tasks",
+    ):
         values = ", ".join(f"{k} x{v}" for k, v in stats[name].items()) or "-"
         print(f"{name:<13}: {values}")
     return 0

@@ -147,9 +147,9 @@ class Record:
         label, shape, begin, end = self._tensors[name]
         dtype = STORAGE_DTYPES[label]
         count = (end - begin) // np.dtype(dtype).itemsize
-        return np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._start + begin).reshape(
-            shape
-        )
+        return np.frombuffer(
+            self._buf, dtype=dtype, count=count, offset=self._start + begin
+        ).reshape(shape)
 
     # --- tensors -------------------------------------------------------------------------
     @property

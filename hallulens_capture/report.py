@@ -13,7 +13,15 @@ from hallulens_capture.positions import token_positions
 from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, Record
 from hallulens_capture.store import ActivationStore
 
-REQUIRED_METADATA = ("prompt", "response", "model", "timestamp", "backend", "capture_tokens", "dtype")
+REQUIRED_METADATA = (
+    "prompt",
+    "response",
+    "model",
+    "timestamp",
+    "backend",
+    "capture_tokens",
+    "dtype",
+)
 
 
 @dataclass
@@ -37,7 +45,11 @@ class StoreSummary:
             "records": self.records,
             "record_bytes": self.record_bytes,
             "tokens": self.tokens,
-            "tokens_per_record": {"min": min(counts), "mean": float(np.mean(counts)), "max": max(counts)},
+            "tokens_per_record": {
+                "min": min(counts),
+                "mean": float(np.mean(counts)),
+                "max": max(counts),
+            },
             "layers": {_layers_text(k): v for k, v in self.layer_sets.items()},
             "hidden_sizes": dict(self.hidden_sizes),
             "models": dict(self.models),
@@ -60,7 +72,7 @@ def summarize(store: ActivationStore) -> StoreSummary:
     summary = StoreSummary(usage=store.usage())
     for key in store:
         record = store[key]
-        n_layers, n_tokens, hidden = record.shape
+        _, n_tokens, hidden = record.shape
         summary.records += 1
         summary.record_bytes += record.nbytes
         summary.tokens += n_tokens
@@ -84,7 +96,7 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
         problems.append(f"missing metadata {', '.join(missing)}")
     if meta.get("format") != RECORD_FORMAT:
         problems.append(f"format {meta.get('format')!r} is not {RECORD_FORMAT}")
-    if not record.key.split("-")[0] == prompt_hash(record.prompt):
+    if record.key.split("-")[0] != prompt_hash(record.prompt):
         problems.append("key is not sha256 of the stored prompt")
     if len(record.shape) != 3:
         return [*problems, f"activations have shape {list(record.shape)}, expected 3 dims"]
@@ -108,7 +120,9 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
                 f"{len(record.generated_token_ids)} generated tokens"
             )
     if read_values and not problems and not np.all(np.isfinite(record.all_layers_activations)):
-        problems.append("activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)")
+        problems.append(
+            "activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)"
+        )
     return problems
 
 

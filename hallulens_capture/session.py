@@ -19,7 +19,12 @@ import numpy as np
 from hallulens_capture.errors import CaptureError, StoreError
 from hallulens_capture.keys import record_key
 from hallulens_capture.positions import token_positions
-from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, encode_record, utc_timestamp
+from hallulens_capture.record import (
+    CAPTURE_DTYPE_LABELS,
+    RECORD_FORMAT,
+    encode_record,
+    utc_timestamp,
+)
 from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
 
@@ -111,7 +116,9 @@ class CaptureSession:
             )
         return record.response
 
-    def write(self, key: str, request: SampleRequest, response: str, sample: CapturedSample) -> None:
+    def write(
+        self, key: str, request: SampleRequest, response: str, sample: CapturedSample
+    ) -> None:
         """Check one captured sample against the spec and store it under `key`."""
         if sample.prompt != request.prompt:
             raise CaptureError(f"record {key}: engine output belongs to another prompt")

@@ -47,7 +47,9 @@ def _layer_items(value: object) -> tuple[tuple[int, int], ...] | None:
     else:
         raise CaptureConfigError(f"capture_layers={value!r}: expected 'all', ids or ranges")
     if not parts:
-        raise CaptureConfigError("capture_layers is empty: give 'all', ids (0,8,16) or ranges (10-20)")
+        raise CaptureConfigError(
+            "capture_layers is empty: give 'all', ids (0,8,16) or ranges (10-20)"
+        )
     items = []
     for part in parts:
         match = _ITEM.match(part.strip())
@@ -64,7 +66,7 @@ def _layer_items(value: object) -> tuple[tuple[int, int], ...] | None:
 
 @dataclass(frozen=True)
 class CaptureSpec:
-    """Validated capture options; `layer_ids(L)` resolves the layers once the model's depth is known."""
+    """Validated capture options; `layer_ids(L)` resolves layers once the model depth is known."""
 
     path: str
     layers: tuple[tuple[int, int], ...] | None

@@ -10,6 +10,7 @@ only a machine crash before the final `sync()` on close may lose the last ones.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -103,7 +104,11 @@ class ActivationStore(Mapping[str, Record]):
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, writable: bool = False, map_size_gb: float = DEFAULT_MAP_SIZE_GB
+        self,
+        path: str | os.PathLike,
+        *,
+        writable: bool = False,
+        map_size_gb: float = DEFAULT_MAP_SIZE_GB,
     ):
         self.path = os.fspath(path)
         self.writable = writable
@@ -131,7 +136,9 @@ class ActivationStore(Mapping[str, Record]):
                 with env.begin() as txn:
                     found = txn.get(b"format", db=info)
         except lmdb.NotFoundError:
-            raise StoreError(f"{self.path} is an LMDB environment but not an activation store") from None
+            raise StoreError(
+                f"{self.path} is an LMDB environment but not an activation store"
+            ) from None
         except lmdb.Error as exc:
             raise StoreError(f"cannot open activation store {self.path}: {exc}") from None
         if found is not None and bytes(found) != STORE_FORMAT:
@@ -211,8 +218,8 @@ class ActivationStore(Mapping[str, Record]):
                 self._env.set_mapsize(0)
             except lmdb.Error as exc:
                 raise StoreError(
-                    f"{self.path}: could not write record {key} ({len(value) / 1e6:.1f} MB): {exc}; "
-                    "records written before are intact"
+                    f"{self.path}: could not write record {key} ({len(value) / 1e6:.1f} MB): "
+                    f"{exc}; records written before are intact"
                 ) from None
         if not added:
             raise StoreError(f"{self.path}: record {key} exists already; it is kept as it was")
@@ -220,11 +227,18 @@ class ActivationStore(Mapping[str, Record]):
     def _grow(self, needed: int) -> None:
         current = self._env.info()["map_size"]
         new = max(current * 2, current + 2 * needed + (1 << 20))
-        log.info("activation store %s: map full, growing %d -> %d MiB", self.path, current >> 20, new >> 20)
+        log.info(
+            "activation store %s: map full, growing %d -> %d MiB",
+            self.path,
+            current >> 20,
+            new >> 20,
+        )
         try:
             self._env.set_mapsize(new)
         except lmdb.Error as exc:
-            raise StoreError(f"{self.path}: cannot grow the map to {new >> 20} MiB: {exc}") from None
+            raise StoreError(
+                f"{self.path}: cannot grow the map to {new >> 20} MiB: {exc}"
+            ) from None
 
     # --- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -241,10 +255,8 @@ class ActivationStore(Mapping[str, Record]):
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("path", help="print the local path of an embedded model")
     p.add_argument("name", help=f"embedded model name ({SMOLLM2})")
-    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                   help="hf: dequantized HF directory (converted once); gguf: the GGUF file")
+    p.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf: dequantized HF directory (converted once); gguf: the GGUF file",
+    )
     p.set_defaults(func=cmd_path)

@@ -77,7 +77,9 @@ def _convert(gguf: Path, target: Path) -> None:
 
     log.warning("converting %s to an HF model in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = quantized.config
     if hasattr(config, "quantization_config"):  # already dequantized; keep it from blocking save
         del config.quantization_config

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 class _OutputRouter:
     """Stands in for the cache hook during one `generate_until`, pairing outputs with records."""
 
-    def __init__(self, session: CaptureSession, hook, requests: list[SampleRequest], keys: list[str]):
+    def __init__(
+        self, session: CaptureSession, hook, requests: list[SampleRequest], keys: list[str]
+    ):
         self._session = session
         self._hook = hook
         self._requests = requests
@@ -87,11 +89,16 @@ class CaptureMixin:
         if len(todo) < len(requests):
             log.warning(
                 "resuming: %d of %d generations already in %s are not run again",
-                len(requests) - len(todo), len(requests), session.spec.path,
+                len(requests) - len(todo),
+                len(requests),
+                session.spec.path,
             )
         if todo:
             router = _OutputRouter(
-                session, self.cache_hook, [samples[i] for i in todo], [keys[i] for i in todo]  # type: ignore[attr-defined]
+                session,
+                self.cache_hook,
+                [samples[i] for i in todo],
+                [keys[i] for i in todo],  # type: ignore[attr-defined]
             )
             hook, self.cache_hook, self._router = self.cache_hook, router, router  # type: ignore[attr-defined]
             try:
@@ -106,8 +113,21 @@ class CaptureMixin:
         return results  # type: ignore[return-value]
 
 
-def install_excepthook() -> None:
-    """Print our own errors as one line when nothing else catches them (the `lm_eval` CLI)."""
+def join_harness_cli() -> None:
+    """Make our logs and errors look like the harness's own when run from the `lm_eval` CLI.
+
+    Our loggers use the handlers and level lm-eval set up (LMEVAL_LOG_LEVEL applies), and our
+    own errors, when nothing catches them, print as one line instead of a traceback.
+    """
+    harness = logging.getLogger("lm_eval")
+    if harness.handlers:
+        for name in ("hallulens_capture", "hallulens_models", "hallulens_tasks"):
+            ours = logging.getLogger(name)
+            ours.setLevel(harness.level)
+            for handler in harness.handlers:
+                if handler not in ours.handlers:
+                    ours.addHandler(handler)
+            ours.propagate = False
     previous = sys.excepthook
     if getattr(previous, "_hallulens", False):
         return

@@ -18,7 +18,7 @@ from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.harness import CaptureMixin, install_excepthook
+from hallulens_models.harness import CaptureMixin, join_harness_cli
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
 
 
@@ -37,7 +37,9 @@ def _num_layers(pretrained: str | transformers.PreTrainedModel, kwargs: dict) ->
             )
         except (OSError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelFilesError(f"pretrained={pretrained}: cannot read the model config: {reason}") from None
+            raise ModelFilesError(
+                f"pretrained={pretrained}: cannot read the model config: {reason}"
+            ) from None
     return config.get_text_config().num_hidden_layers
 
 
@@ -53,7 +55,7 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         map_size_gb: float | None = None,
         **kwargs,
     ) -> None:
-        install_excepthook()
+        join_harness_cli()
         spec = CaptureSpec.from_model_args(
             activations, capture_layers, capture_tokens, capture_dtype, map_size_gb
         )
@@ -94,10 +96,15 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         prompts, self._batch_prompts = self._batch_prompts, None
         if prompts is None or len(prompts) != context.shape[0]:
             raise CaptureError("generate call without its batch of prompts; cannot key the records")
-        if generation_kwargs.get("num_beams", 1) != 1 or generation_kwargs.get("num_return_sequences", 1) != 1:
+        if (
+            generation_kwargs.get("num_beams", 1) != 1
+            or generation_kwargs.get("num_return_sequences", 1) != 1
+        ):
             raise CaptureError("activation capture supports one sequence per prompt (no beams)")
         scope = self._capture.spec.tokens
-        with self._tap.recording(keep_prefill=scope != "generated", keep_decode=scope != "prompt") as log:
+        with self._tap.recording(
+            keep_prefill=scope != "generated", keep_decode=scope != "prompt"
+        ) as log:
             sequences = super()._model_generate(context, max_length, stop, **generation_kwargs)
         width = context.shape[1]
         if log.lengths[:1] != [width] or sum(log.lengths) != sequences.shape[1] - 1:
@@ -109,7 +116,9 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         prompt_lengths = mask.sum(dim=1).tolist() if mask is not None else [width] * len(prompts)
         for row, (prompt, n_prompt) in enumerate(zip(prompts, prompt_lengths, strict=True)):
             generated = sequences[row, width:].tolist()
-            generated = generated[: response_length(generated, self._eos_ids, stop, self.tok_decode)]
+            generated = generated[
+                : response_length(generated, self._eos_ids, stop, self.tok_decode)
+            ]
             positions = token_positions(scope, n_prompt, len(generated))
             n_decode = len(positions) - (n_prompt if scope != "generated" else 0)
             acts = log.row(row, width - n_prompt, n_decode)
@@ -123,4 +132,3 @@ class HalluLensHFLM(CaptureMixin, HFLM):
                 )
             )
         return sequences
-

@@ -32,7 +32,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's list of decoder layers (Llama/Qwen/Mistral/GPT-2/GPT-NeoX/OPT layouts)."""
     count = model.config.get_text_config().num_hidden_layers
     holders = [model.get_decoder() if hasattr(model, "get_decoder") else None, model]
-    holders += [getattr(h, a, None) for h in list(holders) for a in ("model", "transformer", "gpt_neox", "decoder")]
+    holders += [
+        getattr(h, a, None)
+        for h in list(holders)
+        for a in ("model", "transformer", "gpt_neox", "decoder")
+    ]
     for holder in holders:
         for name in ("layers", "h", "blocks"):
             candidate = getattr(holder, name, None)
@@ -58,7 +62,9 @@ class StepLog:
             parts.append(self.blocks[0][:, row, pad:])
         if n_decode > 0:
             if self._decode is None:
-                self._decode = torch.cat([self.blocks[i] for i in range(1, len(self.lengths))], dim=2)
+                self._decode = torch.cat(
+                    [self.blocks[i] for i in range(1, len(self.lengths))], dim=2
+                )
             parts.append(self._decode[:, row, :n_decode])
         if not parts:
             return self._empty
@@ -106,11 +112,13 @@ class LayerTap:
         handles = []
         for lid in self.layer_ids:
             if lid == 0:
+
                 def pre(module, args, kwargs):
                     grab(0, args[0] if args else kwargs["hidden_states"])
 
                 handles.append(self._layers[0].register_forward_pre_hook(pre, with_kwargs=True))
             else:
+
                 def post(module, args, output, lid=lid):
                     grab(lid, output[0] if isinstance(output, (tuple, list)) else output)
 

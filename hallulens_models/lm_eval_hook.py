@@ -28,13 +28,13 @@ MODELS = {"hallulens-hf": "hallulens_models.hf:HalluLensHFLM"}
 
 
 def task_dir() -> str:
-    """Directory holding our task YAMLs (the `hallulens_tasks` package), found without importing it."""
+    """Directory of our task YAMLs (the `hallulens_tasks` package), found without importing it."""
     import importlib.util
 
     spec = importlib.util.find_spec("hallulens_tasks")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("hallulens_tasks is not installed")
-    return list(spec.submodule_search_locations)[0]
+    return next(iter(spec.submodule_search_locations))
 
 
 def _register_models(registry: ModuleType) -> None:

@@ -1,4 +1,4 @@
-"""Render the jinja2 prompt templates shipped in `prompts/` (in the wheel: hallulens_tasks/prompts)."""
+"""Render the jinja2 prompt templates of `prompts/` (shipped as hallulens_tasks/prompts)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ DATA = Path(__file__).with_name("demo_questions.jsonl")
 
 def load_demo(**_metadata) -> dict[str, datasets.Dataset]:
     """The eight shipped questions (lm-eval passes model_args and --metadata; unused here)."""
-    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     return {"test": datasets.Dataset.from_list(rows)}
 
 

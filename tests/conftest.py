@@ -1,0 +1,58 @@
+"""Shared fixtures: the real SmolLM2 (converted once), an independent reference, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TEST_TASKS = ROOT / "tests" / "tasks"
+
+# accuracy figures reported at the end of the run (name -> text)
+FIGURES: dict[str, str] = {}
+
+
+def report(name: str, text: str) -> None:
+    FIGURES[name] = text
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for name, text in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {text}")
+
+
+def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 900, cwd=None):
+    """Run a console script of this environment (`lm_eval`, `hallulens`) and capture its output."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(
+        [str(BIN / tool), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from hallulens_models.embedded import smollm2_hf
+
+    return smollm2_hf()
+
+
+@pytest.fixture(scope="session")
+def reference_model(smollm2_dir):
+    """A plain transformers model, loaded independently of the backend under test."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

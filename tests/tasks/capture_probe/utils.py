@@ -1,0 +1,18 @@
+"""Loader for the capture_probe test task (data written for these tests)."""
+
+import json
+from pathlib import Path
+
+import datasets
+
+
+def load(**_metadata):
+    rows = [
+        json.loads(line)
+        for line in Path(__file__).with_name("capture_probe.jsonl").read_text().splitlines()
+    ]
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def process_results(doc, results):
+    return {"answered": float(bool(results[0].strip()))}

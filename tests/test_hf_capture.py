@@ -1,0 +1,148 @@
+"""hallulens-hf on the real SmolLM2: stored activations against an independent forward pass."""
+
+import numpy as np
+import pytest
+from conftest import report
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from reference import compare_record
+
+from hallulens_capture import open_store, record_key
+from hallulens_capture.errors import CaptureConfigError, StoreError
+from hallulens_models.hf import HalluLensHFLM
+
+PROMPTS = [
+    "The capital of France is",
+    "Write one sentence about the sea, the sky and the wind that moves over the waves:",
+    "1, 2, 3,",
+    "Owls are birds that",
+]
+
+
+def requests(prompts, max_gen_toks=16, until=("\n\n",)):
+    kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [
+        Instance("generate_until", {}, (p, dict(kwargs)), i, ("probe", i, 1))
+        for i, p in enumerate(prompts)
+    ]
+
+
+def backend(store, batch_size=1, **capture):
+    return HalluLensHFLM(
+        pretrained="smollm2",
+        device="cpu",
+        dtype="float32",
+        batch_size=batch_size,
+        activations=str(store),
+        **capture,
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(smollm2_dir):
+    """Generations of the unmodified harness HFLM, batch size 3."""
+    lm = HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=3)
+    return lm.generate_until(requests(PROMPTS))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_float32_capture_equals_forward_pass(tmp_path, reference_model, plain_outputs, batch_size):
+    lm = backend(tmp_path / "s", batch_size, capture_dtype="float32", capture_tokens="all")
+    outputs = lm.generate_until(requests(PROMPTS))
+    assert outputs == plain_outputs  # capture changes nothing the harness sees
+    with open_store(tmp_path / "s") as store:
+        assert len(store) == len(PROMPTS)
+        lengths = {len(store[record_key(p)].prompt_token_ids) for p in PROMPTS}
+        assert len(lengths) == len(PROMPTS)  # unequal prompts: left padding differs per row
+        worst = 0.0
+        for prompt, text in zip(PROMPTS, outputs, strict=True):
+            record = store[record_key(prompt)]
+            assert record.response == text and record.prompt == prompt
+            assert record.shape[0] == 31 and list(record.layer_ids) == list(range(31))
+            agreement = compare_record(record, reference_model)
+            assert agreement.rows == record.shape[1] * 31
+            worst = max(worst, agreement.max_rel_error)
+    report(f"hf float32 capture, batch {batch_size}", f"max relative error {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_float16_storage_cosine(tmp_path, reference_model):
+    lm = backend(tmp_path / "s", 3, capture_dtype="float16", capture_tokens="all")
+    lm.generate_until(requests(PROMPTS))
+    with open_store(tmp_path / "s") as store:
+        lowest = min(
+            compare_record(store[record_key(p)], reference_model).min_cosine for p in PROMPTS
+        )
+    report("hf float16 storage, batch 3", f"min cosine {lowest:.7f}")
+    assert lowest >= 0.9999
+
+
+@pytest.mark.parametrize(
+    ("capture", "layers"),
+    [
+        ({"capture_layers": "0,8,16"}, [0, 8, 16]),
+        ({"capture_layers": "-1", "capture_tokens": "prompt"}, [30]),
+        (
+            {"capture_layers": "-4--1", "capture_tokens": "all", "capture_dtype": "bfloat16"},
+            [27, 28, 29, 30],
+        ),
+        ({"capture_layers": [10, 11, 12], "capture_dtype": "float32"}, [10, 11, 12]),
+    ],
+)
+def test_options_give_exactly_the_requested_shape(tmp_path, reference_model, capture, layers):
+    lm = backend(tmp_path / "s", 2, **capture)
+    lm.generate_until(requests(PROMPTS[:2], max_gen_toks=6))
+    scope = capture.get("capture_tokens", "generated")
+    label = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[
+        capture.get("capture_dtype", "float16")
+    ]
+    with open_store(tmp_path / "s") as store:
+        for prompt in PROMPTS[:2]:
+            record = store[record_key(prompt)]
+            n_prompt, n_gen = len(record.prompt_token_ids), len(record.generated_token_ids)
+            tokens = {"prompt": n_prompt, "generated": n_gen - 1, "all": n_prompt + n_gen - 1}[
+                scope
+            ]
+            assert record.shape == (len(layers), tokens, 576)
+            assert list(record.layer_ids) == layers
+            assert record.storage_dtype == label and record.capture_tokens == scope
+            assert compare_record(record, reference_model).min_cosine > 0.999
+
+
+def test_repeated_prompts_get_suffixed_keys_and_resume_skips_them(tmp_path):
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0]]
+    lm = backend(tmp_path / "s", 2)
+    first = lm.generate_until(requests(prompts))
+    assert lm._capture.written == 3
+    keys = [record_key(PROMPTS[0]), record_key(PROMPTS[2]), record_key(PROMPTS[0], 1)]
+    with open_store(tmp_path / "s") as store:
+        assert sorted(store) == sorted(keys)
+        stamps = {k: store[k].timestamp for k in keys}
+    again = backend(tmp_path / "s", 2)
+    assert again.generate_until(requests(prompts)) == first
+    assert again._capture.written == 0  # nothing generated twice
+    with open_store(tmp_path / "s") as store:
+        assert {k: store[k].timestamp for k in keys} == stamps
+    other = backend(tmp_path / "s", 2, capture_tokens="all")
+    with pytest.raises(StoreError, match="capture_tokens='generated' \\(now 'all'\\)"):
+        other.generate_until(requests(prompts))
+
+
+def test_loglikelihood_is_the_harness_own(smollm2_dir, tmp_path):
+    pairs = [("Question: What is two plus two?\nAnswer:", " four"), ("The sky is", " blue")]
+    reqs = [Instance("loglikelihood", {}, pair, i, ("ll", i, 1)) for i, pair in enumerate(pairs)]
+    ours = backend(tmp_path / "s", 2).loglikelihood(reqs)
+    plain = HFLM(
+        pretrained=str(smollm2_dir), device="cpu", dtype="float32", batch_size=2
+    ).loglikelihood(reqs)
+    np.testing.assert_allclose([o[0] for o in ours], [p[0] for p in plain], rtol=1e-6)
+    assert [o[1] for o in ours] == [p[1] for p in plain]
+
+
+def test_bad_layer_fails_before_weights_load(tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("model weights were loaded")
+
+    monkeypatch.setattr(HFLM, "_create_model", no_load)
+    with pytest.raises(CaptureConfigError, match=r"layer 31 is out of range .* 30 decoder layers"):
+        backend(tmp_path / "s", capture_layers="31")

@@ -1,0 +1,85 @@
+"""The LMDB store: round trip, map growth, no silent overwrite, readers beside a writer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from store_worker import sample
+
+from hallulens_capture import open_store
+from hallulens_capture.errors import StoreError
+from hallulens_capture.store import ActivationStore
+
+WORKER = Path(__file__).with_name("store_worker.py")
+
+
+def test_round_trip_and_growth_from_a_tiny_map(tmp_path):
+    path = tmp_path / "s.lmdb"
+    with ActivationStore(path, writable=True, map_size_gb=1 / 1024) as store:
+        start = store.usage()["map_size"]
+        for i in range(40):  # 40 x ~200 KB into a 1 MiB map
+            store.put(*sample(i))
+        grown = store.usage()["map_size"]
+    assert start == 1 << 20 and grown > 8 << 20
+    with open_store(path) as store:
+        assert len(store) == 40
+        for i in range(40):
+            key, _ = sample(i)
+            assert key in store
+            record = store[key]
+            assert record.response == f"r{i}"
+            assert np.all(record.all_layers_activations == i)
+
+
+def test_existing_records_are_never_overwritten(tmp_path):
+    key, value = sample(1)
+    with ActivationStore(tmp_path / "s", writable=True) as store:
+        store.put(key, value)
+        with pytest.raises(StoreError, match="exists already"):
+            store.put(key, sample(2)[1])
+        assert store[key].response == "r1"
+
+
+def test_reader_and_writer_share_one_environment_in_a_process(tmp_path):
+    with ActivationStore(tmp_path / "s", writable=True) as writer:
+        writer.put(*sample(3))
+        with open_store(tmp_path / "s") as reader:
+            assert len(reader) == 1
+            writer.put(*sample(4))
+            assert len(reader) == 1  # snapshot
+            reader.refresh()
+            assert len(reader) == 2
+
+
+def test_opening_what_is_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="no activation store at"):
+        open_store(tmp_path / "missing")
+    import lmdb
+
+    lmdb.open(str(tmp_path / "plain")).close()
+    with pytest.raises(StoreError, match="not an activation store"):
+        open_store(tmp_path / "plain")
+
+
+def test_readers_in_other_processes_while_one_writes(tmp_path):
+    path, n = str(tmp_path / "shared.lmdb"), 60
+    run = [sys.executable, str(WORKER)]
+    readers = [
+        subprocess.Popen([*run, "read", path, str(n)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    writer = subprocess.run(
+        [*run, "write", path, str(n)], capture_output=True, text=True, timeout=300
+    )
+    assert writer.returncode == 0, writer.stderr
+    for reader in readers:
+        out, _ = reader.communicate(timeout=300)
+        assert reader.returncode == 0
+        report = json.loads(out)
+        assert report["problems"] == []
+        assert report["checked"] == n
+        assert report["counts"][-1] == n
+        assert any(0 < c < n for c in report["counts"]), "reader never saw the store mid-write"
