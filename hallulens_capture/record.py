@@ -14,6 +14,7 @@ Tensors: `all_layers_activations` [n_layers, n_tokens, hidden] (F16 / BF16 / F32
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -40,6 +41,7 @@ METADATA_FIELDS = (
 )
 # safetensors dtype label -> numpy dtype of the stored bytes (BF16 is kept as its raw bits)
 STORAGE_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I32": np.int32}
+_ITEMSIZE = {label: np.dtype(dtype).itemsize for label, dtype in STORAGE_DTYPES.items()}
 CAPTURE_DTYPE_LABELS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
@@ -52,10 +54,14 @@ def encode_record(
     dtype_label: str,
     index: Mapping[str, Sequence[int] | np.ndarray],
     metadata: Mapping[str, str],
-) -> bytearray:
+    scratch: bytearray | None = None,
+) -> memoryview:
     """Serialise one record into a single buffer (one copy of the activations).
 
     `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16).
+    With `scratch`, the record is built in it when it is large enough (a writer reuses one
+    buffer instead of faulting in fresh memory per record); the result is then only valid until
+    the next call with the same scratch.
     """
     if dtype_label not in ("F16", "BF16", "F32"):
         raise ValueError(f"unsupported activation dtype {dtype_label}")
@@ -77,7 +83,8 @@ def encode_record(
         offset += array.nbytes
     raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(len(raw) + 8) % 8)
-    buf = bytearray(8 + len(raw) + offset)
+    size = 8 + len(raw) + offset
+    buf = scratch if scratch is not None and len(scratch) >= size else bytearray(size)
     struct.pack_into("<Q", buf, 0, len(raw))
     buf[8 : 8 + len(raw)] = raw
     start = 8 + len(raw)
@@ -85,7 +92,7 @@ def encode_record(
         view = np.frombuffer(buf, dtype=array.dtype, count=array.size, offset=start)
         view[...] = array.reshape(-1)
         start += array.nbytes
-    return buf
+    return memoryview(buf)[:size]
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -136,8 +143,7 @@ class Record:
             raise RecordFormatError(f"record {self.key}: bad header entry for {name}") from None
         if label not in STORAGE_DTYPES:
             raise RecordFormatError(f"record {self.key}: {name} has unsupported dtype {label}")
-        itemsize = np.dtype(STORAGE_DTYPES[label]).itemsize
-        if not 0 <= begin <= end <= data_size or end - begin != itemsize * int(np.prod(shape)):
+        if not 0 <= begin <= end <= data_size or end - begin != _ITEMSIZE[label] * math.prod(shape):
             raise RecordFormatError(
                 f"record {self.key}: {name} offsets {begin}..{end} do not fit shape {list(shape)}"
             )
@@ -145,11 +151,9 @@ class Record:
 
     def _raw(self, name: str) -> np.ndarray:
         label, shape, begin, end = self._tensors[name]
-        dtype = STORAGE_DTYPES[label]
-        count = (end - begin) // np.dtype(dtype).itemsize
-        return np.frombuffer(
-            self._buf, dtype=dtype, count=count, offset=self._start + begin
-        ).reshape(shape)
+        count = (end - begin) // _ITEMSIZE[label]
+        array = np.frombuffer(self._buf, STORAGE_DTYPES[label], count, self._start + begin)
+        return array.reshape(shape)
 
     # --- tensors -------------------------------------------------------------------------
     @property
@@ -199,20 +203,22 @@ class Record:
         the record's token axis (a slice or a list of indices; see `token_positions`).
         """
         raw = self._raw(ACTIVATIONS)
-        stored = [int(i) for i in self._raw("layer_ids")]
+        cols = slice(None) if tokens is None else tokens
         if layers is None:
-            rows: list[int] | slice = slice(None)
+            part = raw[:, cols]
         else:
-            wanted = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
-            missing = [int(i) for i in wanted if int(i) not in stored]
+            stored = self._raw("layer_ids").tolist()
+            wanted = (
+                [int(layers)] if isinstance(layers, (int, np.integer)) else [int(i) for i in layers]
+            )
+            missing = [i for i in wanted if i not in stored]
             if missing:
                 raise KeyError(f"record {self.key} has no layer(s) {missing}; it holds {stored}")
-            rows = [stored.index(int(i)) for i in wanted]
-        cols = slice(None) if tokens is None else tokens
-        if isinstance(rows, slice):
-            part = raw[rows, cols]
-        else:
-            part = np.stack([raw[r, cols] for r in rows]) if rows else raw[:0, cols]
+            rows = [stored.index(i) for i in wanted]
+            if len(rows) == 1:  # basic slicing: only that layer's rows are read
+                part = raw[rows[0] : rows[0] + 1, cols]
+            else:
+                part = np.stack([raw[r, cols] for r in rows]) if rows else raw[:0, cols]
         return self._values(part) if self.storage_dtype == "BF16" else np.array(part)
 
     # --- metadata ------------------------------------------------------------------------

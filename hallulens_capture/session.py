@@ -71,6 +71,7 @@ class CaptureSession:
         self.dtype_label = CAPTURE_DTYPE_LABELS[spec.dtype]
         self.store = ActivationStore(spec.path, writable=True, map_size_gb=spec.map_size_gb)
         self.written = 0
+        self._scratch = bytearray()
 
     def info(self) -> dict[str, object]:
         """Capture settings for the harness results' `config` section."""
@@ -155,7 +156,10 @@ class CaptureSession:
             "prompt_token_ids": sample.prompt_token_ids,
             "generated_token_ids": sample.generated_token_ids,
         }
-        self.store.put(key, encode_record(acts, self.dtype_label, index, metadata))
+        value = encode_record(acts, self.dtype_label, index, metadata, self._scratch)
+        if value.obj is not self._scratch:  # grown: keep the larger buffer for the next records
+            self._scratch = value.obj
+        self.store.put(key, value)
         self.written += 1
 
     def close(self) -> None:

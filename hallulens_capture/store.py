@@ -5,7 +5,8 @@ An LMDB environment directory (`data.mdb`, `lock.mdb`) with named sub-databases:
 transaction per record, so a killed writer leaves every committed record whole. The map grows
 on `MapFullError` and the write is retried; readers in other processes pick the new size up.
 `sync=False`: a committed record survives the writer process being killed (the kernel has it);
-only a machine crash before the final `sync()` on close may lose the last ones.
+only a machine crash before the next `sync()` (after each harness request batch, and on close)
+may lose the last ones.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -217,12 +219,18 @@ class ActivationStore(Mapping[str, Record]):
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)
             except lmdb.Error as exc:
+                free = shutil.disk_usage(self.path).free
                 raise StoreError(
                     f"{self.path}: could not write record {key} ({len(value) / 1e6:.1f} MB): "
-                    f"{exc}; records written before are intact"
+                    f"{exc} ({free / 1e6:.0f} MB free on its disk); "
+                    "records written before are intact"
                 ) from None
         if not added:
             raise StoreError(f"{self.path}: record {key} exists already; it is kept as it was")
+
+    def sync(self) -> None:
+        """Flush committed records to disk (writes use sync=False; see the module docstring)."""
+        self._env.sync(True)
 
     def _grow(self, needed: int) -> None:
         current = self._env.info()["map_size"]

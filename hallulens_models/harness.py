@@ -109,6 +109,7 @@ class CaptureMixin:
                 raise CaptureError(f"{len(router.pending)} captured samples had no harness output")
             for i, text in zip(todo, texts, strict=True):
                 results[i] = text
+        session.store.sync()
         log.info("activation store %s: %d records written", session.spec.path, session.written)
         return results  # type: ignore[return-value]
 

@@ -119,15 +119,15 @@ class HalluLensHFLM(CaptureMixin, HFLM):
             generated = generated[
                 : response_length(generated, self._eos_ids, stop, self.tok_decode)
             ]
-            positions = token_positions(scope, n_prompt, len(generated))
-            n_decode = len(positions) - (n_prompt if scope != "generated" else 0)
+            # decode step j feeds generated token j-1: the last generated token is never fed
+            n_decode = 0 if scope == "prompt" else max(len(generated) - 1, 0)
             acts = log.row(row, width - n_prompt, n_decode)
             self._captured(
                 CapturedSample(
                     prompt=prompt,
                     prompt_token_ids=context[row, width - n_prompt :].tolist(),
                     generated_token_ids=generated,
-                    token_positions=positions,
+                    token_positions=token_positions(scope, n_prompt, len(generated)),
                     activations=to_storage(acts),
                 )
             )

@@ -19,7 +19,8 @@ def test_capture_through_stock_cli_with_user_tasks(tmp_path, reference_model):
         "--model",
         "hallulens-hf",
         "--model_args",
-        f'pretrained=smollm2,activations={store_path},dtype=float32,capture_layers="0,15,30"',
+        f"pretrained=smollm2,activations={store_path},dtype=float32,map_size_gb=0.001,"
+        'capture_layers="0,15,30"',  # a 1 MB map: the store grows it as records come
         "--tasks",
         "hallulens_demo,capture_probe,capture_choice",
         "--include_path",

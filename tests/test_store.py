@@ -83,3 +83,33 @@ def test_readers_in_other_processes_while_one_writes(tmp_path):
         assert report["checked"] == n
         assert report["counts"][-1] == n
         assert any(0 < c < n for c in report["counts"]), "reader never saw the store mid-write"
+
+
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from store_worker import sample
+from hallulens_capture.store import ActivationStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+with ActivationStore({path!r}, writable=True, map_size_gb=1 / 1024) as store:
+    for i in range(100):
+        store.put(*sample(i))
+"""
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_what_was_written(tmp_path):
+    path = str(tmp_path / "s.lmdb")
+    code = FULL_DISK.format(tests=str(Path(__file__).parent), path=path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"hallulens_capture.errors.StoreError: {path}: could not write record")
+    assert last.endswith("records written before are intact")
+    with open_store(path) as store:
+        assert 5 < len(store) < 100
+        for key in store:
+            i = int(store[key].prompt.rsplit(" ", 1)[1])
+            assert key == sample(i)[0] and np.all(store[key].all_layers_activations == i)
