@@ -104,9 +104,7 @@ class CaptureSession:
             "dtype": self.spec.dtype,
             "gen_kwargs": canonical_json(request.gen_kwargs),
         }
-        found = {name: record.metadata.get(name, "") for name in wanted}
-        if found["gen_kwargs"]:
-            found["gen_kwargs"] = canonical_json(json.loads(found["gen_kwargs"]))
+        found = {name: record.metadata.get(name, "") for name in wanted}  # stored canonical
         differ = [f"{n}={found[n]!r} (now {wanted[n]!r})" for n in wanted if found[n] != wanted[n]]
         if not np.array_equal(record.layer_ids, self.layer_ids):
             differ.append(f"layers={record.layer_ids.tolist()} (now {self.layer_ids.tolist()})")

@@ -174,12 +174,6 @@ class ActivationStore(Mapping[str, Record]):
             for key in cursor.iternext(keys=True, values=False):
                 yield bytes(key).decode("utf-8")
 
-    def value_sizes(self) -> Iterator[tuple[str, int]]:
-        """(key, stored bytes) of every record, without touching the records' data."""
-        with self._snapshot().cursor(db=self._records) as cursor:
-            for key, value in cursor.iternext(keys=True, values=True):
-                yield bytes(key).decode("utf-8"), len(value)
-
     def usage(self) -> dict[str, int]:
         """Bytes in use (pages up to the last one written) and the data file's size on disk.
 
