@@ -110,7 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `activations ...`; returns its subcommands so other packages can add theirs."""
     parser = subparsers.add_parser("activations", help="inspect an activation store")
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("ls", help="one line per record")
@@ -129,3 +130,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.add_argument("--headers-only", action="store_true", help="skip reading activation values")
     p.set_defaults(func=cmd_verify)
+    return sub

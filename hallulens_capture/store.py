@@ -1,9 +1,11 @@
 """The LMDB activation store: one record per generation, many readers, one writer at a time.
 
 An LMDB environment directory (`data.mdb`, `lock.mdb`) with named sub-databases:
-`records` (key -> record bytes, see record.py) and `info` (`format` marker). Writes are one
-transaction per record, so a killed writer leaves every committed record whole. The map grows
-on `MapFullError` and the write is retried; readers in other processes pick the new size up.
+`records` (key -> record bytes, see record.py), `info` (`format` marker) and, once a run is
+judged, `labels` (record key -> JSON verdict; records themselves are never rewritten).
+Writes are one transaction per record, so a killed writer leaves every committed record whole.
+The map grows on `MapFullError` and the write is retried; readers in other processes pick the
+new size up.
 `sync=False`: a committed record survives the writer process being killed (the kernel has it);
 only a machine crash before the next `sync()` (after each harness request batch, and on close)
 may lose the last ones.
@@ -12,6 +14,7 @@ may lose the last ones.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = b"hallulens-activations/1"
 _RECORDS = b"records"
 _INFO = b"info"
+_LABELS = b"labels"
 _MAX_DBS = 8
 _MAX_READERS = 1024
 _GIB = 1 << 30
@@ -174,6 +178,18 @@ class ActivationStore(Mapping[str, Record]):
             for key in cursor.iternext(keys=True, values=False):
                 yield bytes(key).decode("utf-8")
 
+    def labels(self) -> dict[str, dict]:
+        """Record key -> label entry (JSON) written by `put_labels`; empty before judging."""
+        try:
+            db = self._env.open_db(_LABELS, create=False)
+        except lmdb.NotFoundError:
+            return {}
+        with self._env.begin(db=db) as txn:
+            return {
+                bytes(k).decode("utf-8"): json.loads(bytes(v))
+                for k, v in txn.cursor().iternext(keys=True, values=True)
+            }
+
     def usage(self) -> dict[str, int]:
         """Bytes in use (pages up to the last one written) and the data file's size on disk.
 
@@ -217,6 +233,33 @@ class ActivationStore(Mapping[str, Record]):
                 ) from None
         if not added:
             raise StoreError(f"{self.path}: record {key} exists already; it is kept as it was")
+
+    def put_labels(self, labels: Mapping[str, Mapping]) -> None:
+        """Write (or replace) the labels of records in one transaction: all or none."""
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        missing = [key for key in labels if key not in self]
+        if missing:
+            raise StoreError(f"{self.path}: no record {missing[0]} to label")
+        self.refresh()
+        encoded = [
+            (key.encode("utf-8"), json.dumps(value, sort_keys=True).encode("utf-8"))
+            for key, value in labels.items()
+        ]
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    db = self._env.open_db(_LABELS, txn=txn, create=True)
+                    for key, value in encoded:
+                        txn.put(key, value, db=db)
+                break
+            except lmdb.MapFullError:
+                self._grow(sum(len(v) for _, v in encoded))
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise StoreError(f"{self.path}: could not write labels: {exc}") from None
+        self.sync()
 
     def sync(self) -> None:
         """Flush committed records to disk (writes use sync=False; see the module docstring)."""

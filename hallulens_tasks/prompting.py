@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from importlib.resources import files
 
@@ -18,6 +19,13 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render(name: str, **values: object) -> str:
-    """Render template `name` (e.g. "demo_question.jinja"); a missing value is an error."""
-    return _environment().get_template(name).render(**values)
+def render(template: str, /, **values: object) -> str:
+    """Render `template` (e.g. "demo_question.jinja"); a missing value is an error."""
+    return _environment().get_template(template).render(**values)
+
+
+@cache
+def template_version(name: str) -> str:
+    """sha256 of the template's source: judge cache keys change when a template is edited."""
+    source = (files("hallulens_tasks") / "prompts" / name).read_bytes()
+    return hashlib.sha256(source).hexdigest()[:16]

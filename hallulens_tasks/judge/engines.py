@@ -1,0 +1,162 @@
+"""In-process judges: transformers (the harness's HFLM), llama.cpp and vLLM's offline engine.
+
+Each takes the judge prompts as single user turns through the model's own chat template, at
+temperature 0, in chunks, handing replies to `done` chunk by chunk so an interrupted pass keeps
+what it judged. A loaded engine stays loaded for the rest of the process (every task of a run
+shares it). Engines are imported only when such a judge is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+
+from hallulens_tasks.judge.settings import JudgeError, JudgeSettings
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[int, str], None]
+Choices = Sequence[tuple[str, ...] | None]  # allowed replies per prompt (constrained judging)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+def _user_turn(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _typed(value: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+class HFBackend:
+    """The harness's own HFLM (batched greedy generation); `hf:smollm2` is the embedded model."""
+
+    def __init__(self, settings: JudgeSettings):
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        from hallulens_models.embedded import resolve_pretrained
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        args = {"batch_size": 8, "device": device, **settings.model_args}
+        try:
+            self._lm = HFLM(pretrained=resolve_pretrained(settings.spec.model), **args)
+        except (OSError, ValueError) as exc:
+            raise JudgeError(f"judge {settings.spec}: cannot load the model: {exc}") from None
+        self._max_tokens = settings.max_tokens
+
+    def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
+        from lm_eval.api.instance import Instance
+
+        gen_kwargs = {"until": [], "max_gen_toks": self._max_tokens, "do_sample": False}
+        for chunk in _chunks(len(prompts), 64):
+            requests = [
+                Instance(
+                    request_type="generate_until",
+                    doc={},
+                    arguments=(self._lm.apply_chat_template(_user_turn(prompts[i])), gen_kwargs),
+                    idx=i,
+                )
+                for i in chunk
+            ]
+            texts = self._lm.generate_until(requests, disable_tqdm=True)
+            for i, text in zip(chunk, texts, strict=True):
+                done(i, text)
+
+
+class GGUFBackend:
+    """llama-cpp-python in process, with the GGUF's own chat template; `gguf:smollm2` is embedded.
+
+    With HALLULENS_JUDGE_CONSTRAINED=1 a grammar restricts each reply to its item's allowed
+    verdicts (constrained decoding), so even a small judge always answers in format.
+    """
+
+    def __init__(self, settings: JudgeSettings):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise JudgeError(
+                f"judge {settings.spec} needs llama-cpp-python: "
+                "pip install 'lm-eval-hallulens[gguf]'"
+            ) from None
+        from hallulens_models.embedded import SMOLLM2, smollm2_gguf
+
+        path = str(smollm2_gguf()) if settings.spec.model == SMOLLM2 else settings.spec.model
+        args = {"n_ctx": 8192, "verbose": False}
+        args.update({k: _typed(v) for k, v in settings.model_args.items()})
+        try:
+            self._llm = Llama(model_path=path, **args)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise JudgeError(f"judge {settings.spec}: cannot load {path}: {exc}") from None
+        self._max_tokens = settings.max_tokens
+        self._grammars: dict[tuple[str, ...], object] = {}
+
+    def _grammar(self, choices: tuple[str, ...]):
+        from llama_cpp import LlamaGrammar
+
+        if choices not in self._grammars:
+            rule = " | ".join(json.dumps(choice) for choice in choices)
+            self._grammars[choices] = LlamaGrammar.from_string(f"root ::= {rule}", verbose=False)
+        return self._grammars[choices]
+
+    def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
+        for i, prompt in enumerate(prompts):
+            reply = self._llm.create_chat_completion(
+                messages=_user_turn(prompt),
+                temperature=0.0,
+                max_tokens=self._max_tokens,
+                grammar=self._grammar(choices[i]) if choices[i] else None,
+            )
+            done(i, reply["choices"][0]["message"]["content"] or "")
+
+
+class VLLMBackend:
+    """vLLM's offline `LLM.chat`: continuous batching over the whole chunk."""
+
+    def __init__(self, settings: JudgeSettings):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise JudgeError(
+                f"judge {settings.spec} needs vLLM: pip install 'lm-eval-hallulens[vllm]'"
+            ) from None
+        from hallulens_models.embedded import resolve_pretrained
+
+        args = {k: _typed(v) for k, v in settings.model_args.items()}
+        self._llm = LLM(model=resolve_pretrained(settings.spec.model), **args)
+        self._params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
+
+    def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
+        for chunk in _chunks(len(prompts), 1024):
+            outputs = self._llm.chat(
+                [_user_turn(prompts[i]) for i in chunk], self._params, use_tqdm=False
+            )
+            for i, output in zip(chunk, outputs, strict=True):
+                done(i, output.outputs[0].text)
+
+
+_LOADED: dict[tuple, object] = {}
+
+
+def backend_for(settings: JudgeSettings):
+    """The backend for `settings`; in-process engines are loaded once per process."""
+    if settings.spec.backend == "openai":
+        from hallulens_tasks.judge.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    key = (settings.spec, tuple(sorted(settings.model_args.items())))
+    if key not in _LOADED:
+        engine = {"hf": HFBackend, "gguf": GGUFBackend, "vllm": VLLMBackend}[settings.spec.backend]
+        log.info("loading judge %s", settings.spec)
+        _LOADED[key] = engine(settings)
+    return _LOADED[key]

@@ -1,0 +1,70 @@
+"""`hallulens activations label`: write each judged generation's verdict next to its record.
+
+A sample's `prompt_hash` (the harness's own field) is sha256 of the exact prompt, i.e. the
+store key. Repeated prompts have `-1`, `-2`, ... records; the one whose stored task and doc_id
+match the sample is the sample's record. Labels go to the store's `labels` sub-database in one
+transaction; the records are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from hallulens_capture.keys import prompt_hash
+from hallulens_capture.store import ActivationStore
+from hallulens_tasks.samples import SamplesError, outcome, prompt, read_samples
+
+log = logging.getLogger(__name__)
+
+
+def _record_key(store: ActivationStore, digest: str, task: str, doc_id: object) -> str | None:
+    candidates = []
+    n = 0
+    key = digest
+    while key in store:
+        candidates.append(key)
+        n += 1
+        key = f"{digest}-{n}"
+    for key in candidates:
+        record = store[key]
+        if record.task == task and record.doc_id == doc_id:
+            return key
+    if len(candidates) == 1 and store[candidates[0]].task is None:
+        return candidates[0]
+    return None
+
+
+def label_store(sample_paths: list[Path], store_path: str) -> dict:
+    """Label the store's records from judged samples; returns counts per label and unmatched."""
+    labels: dict[str, dict] = {}
+    unmatched = 0
+    with ActivationStore(store_path, writable=True) as store:
+        for path in sample_paths:
+            samples = read_samples(path)
+            for row in samples.rows:
+                result = outcome(row)
+                if result is None:
+                    raise SamplesError(
+                        f"{path}: doc {row.get('doc_id')} has no judge verdict; judge the run "
+                        "first (without --predict_only, or with `hallulens judge`)"
+                    )
+                digest = row.get("prompt_hash") or prompt_hash(prompt(row) or "")
+                key = _record_key(store, digest, samples.task, row.get("doc_id"))
+                if key is None:
+                    unmatched += 1
+                    continue
+                if key in labels:
+                    raise SamplesError(f"{path}: record {key} is labelled twice in the inputs")
+                labels[key] = {
+                    "label": result["label"],
+                    "task": samples.task,
+                    "doc_id": row.get("doc_id"),
+                    "judge": result.get("judge"),
+                    "samples": path.name,
+                }
+        if labels:
+            store.put_labels(labels)
+    counts = Counter(entry["label"] for entry in labels.values())
+    return {"labelled": len(labels), "unmatched": unmatched, **dict(sorted(counts.items()))}

@@ -1,0 +1,153 @@
+"""Frozen prompt sets: `$HALLULENS_DATA_DIR/<task>/prompts.jsonl`, else the shipped sample.
+
+Row fields are DESIGN.md's; extra fields are kept. A malformed set stops the run with one
+line naming the file and line: a benchmark silently run on half its items is worse than none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib.resources import files
+from pathlib import Path
+
+from hallulens_capture.errors import HalluLensError
+
+log = logging.getLogger(__name__)
+
+ENV_DATA_DIR = "HALLULENS_DATA_DIR"
+REQUIRED = {
+    "precise_wikiqa": ("prompt", "answer", "title", "h_score_cat", "reference"),
+    "longwiki": ("prompt", "title", "h_score_cat", "reference"),
+    "nonsense_mixed_entities": ("prompt", "name", "type"),
+    "nonsense_generated_entities": ("prompt", "name", "type", "place"),
+}
+MIXED_TYPES = ("medicine", "animal", "plant", "bacteria")
+# HalluLens' GeneratedEntities domains and their entity types (products: any other type).
+DOMAIN_TYPES = {
+    "business": ("restaurant", "bar", "bookstore", "cafe", "museum"),
+    "event": ("war", "natural disaster", "scientific discovery", "sport event", "pandemic"),
+}
+DOMAINS = ("business", "event", "product")
+
+
+class PromptSetError(HalluLensError, ValueError):
+    """A prompt set is missing or malformed."""
+
+
+def shipped_path(task: str) -> Path:
+    return Path(str(files("hallulens_tasks") / "data" / task / "prompts.jsonl"))
+
+
+def prompt_set_path(task: str, data_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """(path, is_shipped_sample) for `task`; `data_dir` overrides $HALLULENS_DATA_DIR."""
+    root = data_dir or os.environ.get(ENV_DATA_DIR)
+    if not root:
+        return shipped_path(task), True
+    path = Path(root) / task / "prompts.jsonl"
+    if not path.is_file():
+        raise PromptSetError(
+            f"{path} does not exist ({ENV_DATA_DIR}={root}): create it with "
+            f"`hallulens generate {task} --out {root}`, or unset {ENV_DATA_DIR} to use the "
+            "shipped sample set"
+        )
+    return path, False
+
+
+def _domain(row: dict, where: str) -> str:
+    domain = row.get("domain")
+    if domain is None:
+        kind = str(row["type"]).strip().lower()
+        domain = next((d for d, kinds in DOMAIN_TYPES.items() if kind in kinds), None)
+        if domain is None and not str(row["place"]).strip():
+            domain = "product"
+    if domain not in DOMAINS:
+        raise PromptSetError(
+            f"{where}: cannot tell the domain (business, event or product) of type "
+            f'{row["type"]!r}; add a "domain" field'
+        )
+    return domain
+
+
+def _check(task: str, row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise PromptSetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [name for name in REQUIRED[task] if name not in row]
+    if missing:
+        raise PromptSetError(f"{where}: missing field(s) {', '.join(missing)}")
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        raise PromptSetError(f'{where}: "prompt" must be a non-empty string')
+    if "h_score_cat" in REQUIRED[task] and not (
+        isinstance(row["h_score_cat"], int) and not isinstance(row["h_score_cat"], bool)
+    ):
+        raise PromptSetError(f'{where}: "h_score_cat" must be an integer bin')
+    if task == "nonsense_mixed_entities" and row["type"] not in MIXED_TYPES:
+        raise PromptSetError(
+            f"{where}: type {row['type']!r} is not one of {', '.join(MIXED_TYPES)}"
+        )
+    if task == "nonsense_generated_entities":
+        row = {**row, "domain": _domain(row, where)}
+    return row
+
+
+def read_prompt_set(task: str, path: Path) -> list[dict]:
+    if task not in REQUIRED:
+        raise PromptSetError(f"unknown HalluLens task {task!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptSetError(f"{path}: cannot read: {exc}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptSetError(f"{where}: not valid JSON ({exc.msg})") from None
+        rows.append(_check(task, row, where))
+    if not rows:
+        raise PromptSetError(f"{path}: no prompts in the file")
+    return rows
+
+
+def load_prompt_set(task: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    path, shipped = prompt_set_path(task, data_dir)
+    rows = read_prompt_set(task, path)
+    if shipped:
+        log.warning(
+            "!!! %s: %s is not set, so this runs the %d-item SAMPLE set shipped with "
+            "lm-eval-hallulens (%s), not a HalluLens prompt set: its numbers are not HalluLens "
+            "results. Generate a set with `hallulens generate` and point %s at it. !!!",
+            task,
+            ENV_DATA_DIR,
+            len(rows),
+            path,
+            ENV_DATA_DIR,
+        )
+    else:
+        log.info("%s: %d prompts from %s", task, len(rows), path)
+    return rows
+
+
+def dataset(
+    prompt_set: str,
+    where: dict | None = None,
+    hallulens_data_dir: str | None = None,
+    **_metadata,
+):
+    """`custom_dataset` of the task YAMLs: the set's rows (those matching `where`) as a split.
+
+    lm-eval also passes model_args and --metadata here; `--metadata
+    '{"hallulens_data_dir": DIR}'` overrides $HALLULENS_DATA_DIR for one run.
+    """
+    import datasets
+
+    rows = load_prompt_set(prompt_set, hallulens_data_dir)
+    if where:
+        rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = {key: [row.get(key) for row in rows] for key in columns}
+    return {"test": datasets.Dataset.from_dict(table)}
