@@ -145,6 +145,9 @@ def dataset(
     """
     import datasets
 
+    from hallulens_models.harness import join_harness_cli
+
+    join_harness_cli()  # a bad prompt set is one line on the lm_eval CLI, not a traceback
     rows = load_prompt_set(prompt_set, hallulens_data_dir)
     if where:
         rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())]

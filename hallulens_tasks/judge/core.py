@@ -61,7 +61,7 @@ class Judge:
         The backend is made (an engine loaded) only when something is not in the cache.
         """
         unique = dict(zip(keys, zip(prompts, items, strict=True), strict=True))
-        replies = self._cache.get_many(unique) if self._cache else {}
+        replies = self._cache.get_many(unique) if self._cache is not None else {}
         self.stats.cache_hits += sum(1 for k in keys if k in replies)
         missing = [k for k in unique if k not in replies]
         if missing:
@@ -71,7 +71,7 @@ class Judge:
             def done(i: int, text: str) -> None:
                 key = missing[i]
                 replies[key] = text
-                if self._cache:
+                if self._cache is not None:
                     self._cache.put(key, self.name, unique[key][1].template, text)
 
             constrained = self.settings.constrained
