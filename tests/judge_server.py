@@ -18,6 +18,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # many clients connect at once
+    daemon_threads = True
+
+
 class JudgeServer:
     def __init__(self, answer: Callable[[str], str], delay_s: float = 0.0):
         self.answer = answer
@@ -36,6 +41,7 @@ class JudgeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body leave at once, as real servers do
 
             def log_message(self, *args):  # quiet
                 pass
@@ -55,8 +61,7 @@ class JudgeServer:
                 with contextlib.suppress(OSError):  # the client gave up (timeout test)
                     self.wfile.write(payload)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     def _handle(self, path: str, body: dict) -> tuple[int, str]:
