@@ -27,12 +27,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --find-links $(WHEEL_CACHE) -e ".[test]"
 	@touch $(STAMP)
 
+# PreciseWikiQA (shipped sample set) on the embedded SmolLM2 with capture, judged in the same run
+# by the embedded model through llama.cpp (replies constrained to the verdict formats, no
+# server needed); then the verdicts are joined into the store and the seed's files written.
+DEMO_JUDGE := HALLULENS_JUDGE=gguf:smollm2 HALLULENS_JUDGE_CONSTRAINED=1 \
+	HALLULENS_JUDGE_CACHE=$(DEMO_DIR)/judge-cache.sqlite
+
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/lm_eval --model hallulens-hf \
+	$(DEMO_JUDGE) $(VENV)/bin/lm_eval --model hallulens-hf \
 		--model_args pretrained=smollm2,activations=$(DEMO_DIR)/activations.lmdb \
-		--tasks hallulens_demo --apply_chat_template --batch_size 4 \
+		--tasks precise_wikiqa --apply_chat_template --batch_size 4 \
 		--output_path $(DEMO_DIR)/results --log_samples
+	$(VENV)/bin/hallulens activations label --samples $(DEMO_DIR)/results/smollm2 \
+		--store $(DEMO_DIR)/activations.lmdb
+	$(VENV)/bin/hallulens export-legacy --samples $(DEMO_DIR)/results/smollm2 \
+		--out $(DEMO_DIR)/output
 	$(VENV)/bin/hallulens activations stats $(DEMO_DIR)/activations.lmdb
 
 lint: install

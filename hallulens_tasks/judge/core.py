@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from hallulens_tasks.judge.cache import JudgeCache, cache_key
 from hallulens_tasks.judge.engines import backend_for
 from hallulens_tasks.judge.settings import JudgeSettings
@@ -63,23 +65,30 @@ class Judge:
         unique = dict(zip(keys, zip(prompts, items, strict=True), strict=True))
         replies = self._cache.get_many(unique) if self._cache is not None else {}
         self.stats.cache_hits += sum(1 for k in keys if k in replies)
-        missing = [k for k in unique if k not in replies]
+        # sorted by text: prompts sharing a template prefix go one after another, so engines
+        # that keep the previous prompt's KV cache (llama.cpp) reuse it
+        missing = sorted((k for k in unique if k not in replies), key=lambda k: unique[k][0])
         if missing:
             self.stats.requests += len(missing)
             log.info("judge %s: asking %d prompts", self.name, len(missing))
+            progress = tqdm(total=len(missing), desc=f"Judging ({self.name})")
 
             def done(i: int, text: str) -> None:
                 key = missing[i]
                 replies[key] = text
                 if self._cache is not None:
                     self._cache.put(key, self.name, unique[key][1].template, text)
+                progress.update()
 
             constrained = self.settings.constrained
-            backend_for(self.settings).complete(
-                [unique[k][0] for k in missing],
-                [unique[k][1].choices if constrained else None for k in missing],
-                done,
-            )
+            try:
+                backend_for(self.settings).complete(
+                    [unique[k][0] for k in missing],
+                    [unique[k][1].choices if constrained else None for k in missing],
+                    done,
+                )
+            finally:
+                progress.close()
         return [replies[k] for k in keys]
 
     def run(self, items: Sequence[JudgeItem]) -> list[Judgement]:
