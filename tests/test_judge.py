@@ -278,7 +278,7 @@ def test_bad_judge_settings(monkeypatch):
         JudgeSettings.from_env("x")
     monkeypatch.setenv("HALLULENS_JUDGE", "openai:m")
     monkeypatch.setenv("HALLULENS_JUDGE_CONSTRAINED", "1")
-    with pytest.raises(JudgeError, match="gguf judges only"):
+    with pytest.raises(JudgeError, match="for gguf and vllm judges, not openai:m"):
         JudgeSettings.from_env("x")
     monkeypatch.setenv("HALLULENS_JUDGE_CONSTRAINED", "0")
     monkeypatch.setenv("HALLULENS_JUDGE_CONCURRENCY", "many")

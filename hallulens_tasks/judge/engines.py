@@ -121,7 +121,11 @@ class GGUFBackend:
 
 
 class VLLMBackend:
-    """vLLM's offline `LLM.chat`: continuous batching over the whole chunk."""
+    """vLLM's offline `LLM.chat`: continuous batching over the whole chunk.
+
+    With HALLULENS_JUDGE_CONSTRAINED=1 each reply is restricted to its item's allowed verdicts
+    through vLLM's structured outputs (`choice`).
+    """
 
     def __init__(self, settings: JudgeSettings):
         try:
@@ -134,12 +138,26 @@ class VLLMBackend:
 
         args = {k: _typed(v) for k, v in settings.model_args.items()}
         self._llm = LLM(model=resolve_pretrained(settings.spec.model), **args)
-        self._params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
+        self._params = SamplingParams
+        self._max_tokens = settings.max_tokens
+
+    def _sampling(self, choices: tuple[str, ...] | None):
+        if not choices:
+            return self._params(temperature=0.0, max_tokens=self._max_tokens)
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return self._params(
+            temperature=0.0,
+            max_tokens=self._max_tokens,
+            structured_outputs=StructuredOutputsParams(choice=list(choices)),
+        )
 
     def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
         for chunk in _chunks(len(prompts), 1024):
             outputs = self._llm.chat(
-                [_user_turn(prompts[i]) for i in chunk], self._params, use_tqdm=False
+                [_user_turn(prompts[i]) for i in chunk],
+                [self._sampling(choices[i]) for i in chunk],
+                use_tqdm=False,
             )
             for i, output in zip(chunk, outputs, strict=True):
                 done(i, output.outputs[0].text)

@@ -137,9 +137,9 @@ class JudgeSettings:
             max_tokens=int(_number(ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS, 1)),
             constrained=_flag(ENV_CONSTRAINED),
         )
-        if settings.constrained and settings.spec.backend != "gguf":
+        if settings.constrained and settings.spec.backend not in ("gguf", "vllm"):
             raise JudgeError(
                 f"{ENV_CONSTRAINED}=1 (replies restricted to the verdict formats) is implemented "
-                f"for gguf judges only, not {settings.spec}"
+                f"for gguf and vllm judges, not {settings.spec}"
             )
         return settings
