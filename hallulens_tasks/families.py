@@ -19,13 +19,14 @@ from hallulens_tasks.verdicts import parse_flag, parse_label
 
 log = logging.getLogger(__name__)
 
-LABELS = ("hallucinated", "correct", "refused", "unparseable")
 LLAMA_70B = "meta-llama/Llama-3.1-70B-Instruct"
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def _flag_choices(key: str) -> tuple[str, ...]:
-    return (f'{{"{key}": true}}', f'{{"{key}": false}}')
+def _flag_item(template: str, values: dict, key: str) -> JudgeItem:
+    """A judge asked for `{"<key>": true|false}`."""
+    choices = (f'{{"{key}": true}}', f'{{"{key}": false}}')
+    return JudgeItem(template, values, partial(parse_flag, key=key), choices)
 
 
 def _judged(judgement: Judgement) -> dict:
@@ -91,12 +92,7 @@ class PreciseWikiQA(Family):
     def items(self, doc: dict, response: str) -> dict[str, JudgeItem]:
         values = {"prompt": doc["prompt"], "generation": response}
         return {
-            "abstention": JudgeItem(
-                "judge_abstention.jinja",
-                values,
-                partial(parse_flag, key="is_abstaining"),
-                _flag_choices("is_abstaining"),
-            ),
+            "abstention": _flag_item("judge_abstention.jinja", values, "is_abstaining"),
             "correctness": JudgeItem(
                 "judge_correctness.jinja",
                 {**values, "answer": doc["answer"]},
@@ -136,11 +132,12 @@ class PreciseWikiQA(Family):
 class Entities(Family):
     """NonExistentRefusal: does the model treat a made-up entity as real?"""
 
-    def belief_item(self, doc: dict, response: str) -> JudgeItem:
+    def belief_prompt(self, doc: dict, response: str) -> tuple[str, dict]:
+        """(template, values) of the judge prompt asking whether the model believes the entity."""
         raise NotImplementedError
 
     def items(self, doc: dict, response: str) -> dict[str, JudgeItem]:
-        return {"belief": self.belief_item(doc, response)}
+        return {"belief": _flag_item(*self.belief_prompt(doc, response), "does_believe")}
 
     def outcome(self, doc: dict, judged: dict[str, Judgement]) -> dict:
         believes = judged["belief"].verdict
@@ -162,33 +159,20 @@ class MixedEntities(Entities):
     name = "nonsense_mixed_entities"
     default_judge = LLAMA_8B
 
-    def belief_item(self, doc: dict, response: str) -> JudgeItem:
+    def belief_prompt(self, doc: dict, response: str) -> tuple[str, dict]:
         values = {"prompt": doc["prompt"], "generation": response, "name": doc["name"]}
-        parse, choices = partial(parse_flag, key="does_believe"), _flag_choices("does_believe")
         if doc["type"] == "medicine":
-            return JudgeItem("judge_entity_medicine.jinja", values, parse, choices)
-        return JudgeItem(
-            "judge_entity_species.jinja", {**values, "kind": doc["type"]}, parse, choices
-        )
+            return "judge_entity_medicine.jinja", values
+        return "judge_entity_species.jinja", {**values, "kind": doc["type"]}
 
 
 class GeneratedEntities(Entities):
     name = "nonsense_generated_entities"
     default_judge = LLAMA_70B
 
-    def belief_item(self, doc: dict, response: str) -> JudgeItem:
-        values = {
-            "generation": response,
-            "name": doc["name"],
-            "type": doc["type"],
-            "place": doc.get("place") or "",
-        }
-        return JudgeItem(
-            "judge_entity_generated.jinja",
-            values,
-            partial(parse_flag, key="does_believe"),
-            _flag_choices("does_believe"),
-        )
+    def belief_prompt(self, doc: dict, response: str) -> tuple[str, dict]:
+        values = {"generation": response, "name": doc["name"], "type": doc["type"]}
+        return "judge_entity_generated.jinja", {**values, "place": doc.get("place") or ""}
 
 
 FAMILIES: dict[str, Family] = {
