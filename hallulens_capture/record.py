@@ -45,6 +45,18 @@ _ITEMSIZE = {label: np.dtype(dtype).itemsize for label, dtype in STORAGE_DTYPES.
 CAPTURE_DTYPE_LABELS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
+def storage_from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations -> the stored array of capture dtype `dtype` (bfloat16 as uint16 bits,
+    rounded to nearest even) for engines that hand over float32 (llama.cpp)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "float32":
+        return values
+    if dtype == "float16":
+        return values.astype(np.float16)
+    bits = values.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def utc_timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

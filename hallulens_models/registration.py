@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib.util
 from types import ModuleType
 
-MODELS = {"hallulens-hf": "hallulens_models.hf:HalluLensHFLM"}
+MODELS = {
+    "hallulens-hf": "hallulens_models.hf:HalluLensHFLM",
+    "hallulens-gguf": "hallulens_models.gguf:HalluLensGGUFLM",
+}
 
 
 def task_dir() -> str:

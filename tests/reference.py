@@ -15,10 +15,11 @@ class Agreement:
     rows: int
 
 
-def compare_record(record, model) -> Agreement:
+def compare_record(record, model, layer_shift: int = 0) -> Agreement:
     """Run `model` on prompt + generated ids (the last generated token is never fed back) and
     compare every stored row. HF's last `hidden_states` entry is after the final norm; our layer
-    L is before it, so the stored row is normed with the model's own norm for that layer."""
+    L is before it, so the stored row is normed with the model's own norm for that layer.
+    `layer_shift` compares with the wrong layers on purpose (a check must be able to fail)."""
     ids = np.concatenate([record.prompt_token_ids, record.generated_token_ids[:-1]]).astype(
         np.int64
     )
@@ -29,6 +30,9 @@ def compare_record(record, model) -> Agreement:
     worst, lowest, rows = 0.0, 1.0, 0
     for index, layer in enumerate(record.layer_ids.tolist()):
         got = torch.from_numpy(record.all_layers_activations[index].astype(np.float32))
+        if not 0 <= layer + layer_shift <= last:
+            continue
+        layer += layer_shift
         want = hidden[layer][0, positions]
         if layer == last:
             with torch.no_grad():

@@ -1,0 +1,173 @@
+"""`hallulens-gguf` on the real SmolLM2 Q4_1 GGUF: capture vs an HF forward pass of the
+dequantized weights, chat template vs the HF tokenizer's, loglikelihoods, and the stock CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_TASKS, report, run_cli
+from lm_eval.api.instance import Instance
+from reference import compare_record
+
+from hallulens_capture import open_store
+from hallulens_capture.report import verify
+from hallulens_models.gguf import HalluLensGGUFLM
+
+# Measured: every (layer, token) row of a right capture has cosine >= 0.9967 to the fp32 HF pass
+# (llama.cpp's quantized dot products differ from fp32 math); a layer off by one has rows
+# below 0.94, a token off by one rows below 0.49. 0.99 separates them.
+MIN_COSINE = 0.99
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a large animal that lives in the ocean.",
+    "Write one sentence about autumn leaves and rain.",
+]
+
+
+def generate(lm, prompts, max_gen_toks=12, until=("\n\n",)):
+    requests = [
+        Instance(
+            request_type="generate_until",
+            doc={},
+            arguments=(p, {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}),
+            idx=0,
+            metadata=("gguf_probe", i, 1),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    return lm.generate_until(requests, disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def chats():
+    lm = HalluLensGGUFLM(pretrained="smollm2")
+    return [lm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dtype", "layers"),
+    [("all", "float32", None), ("generated", "float16", [0, 15, 30]), ("prompt", "bfloat16", [-2])],
+)
+def test_capture_matches_hf_forward(tmp_path, reference_model, chats, tokens, dtype, layers):
+    store_path = tmp_path / "acts.lmdb"
+    lm = HalluLensGGUFLM(
+        pretrained="smollm2",
+        activations=str(store_path),
+        capture_tokens=tokens,
+        capture_dtype=dtype,
+        capture_layers=layers,
+    )
+    texts = generate(lm, chats)
+    assert all(texts)
+    with open_store(store_path) as store:
+        assert len(store) == len(chats) and verify(store) == {}
+        lowest = 1.0
+        for key in store:
+            record = store[key]
+            assert record.backend == "gguf" and record.response in texts
+            agreement = compare_record(record, reference_model)
+            assert agreement.rows == record.shape[0] * record.shape[1] > 0
+            lowest = min(lowest, agreement.min_cosine)
+            assert agreement.min_cosine >= MIN_COSINE, agreement
+        report(f"gguf capture vs HF fp32 ({tokens}, {dtype})", f"min cosine {lowest:.5f}")
+        if tokens == "all":  # the check can fail: the same rows against the next layer
+            record = store[next(iter(store))]
+            assert compare_record(record, reference_model, layer_shift=1).min_cosine < MIN_COSINE
+
+
+def test_chat_template_matches_hf_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    lm = HalluLensGGUFLM(pretrained="smollm2")
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [
+            {"role": "system", "content": "You answer in French."},
+            {"role": "user", "content": "Où est la gare ?"},
+            {"role": "assistant", "content": "Tout droit."},
+            {"role": "user", "content": "Merci — et le musée?"},
+        ],
+    ]
+    for messages in conversations:
+        for add in (True, False):
+            ours = lm.apply_chat_template(messages, add_generation_prompt=add)
+            theirs = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add
+            )
+            assert ours == theirs
+    assert lm.tokenizer_name == "smollm2"
+
+
+def test_loglikelihoods_match_hf(reference_model):
+    lm = HalluLensGGUFLM(pretrained="smollm2")
+    pairs = [("The capital of France is", " Paris"), ("One, two, three,", " four, five")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=0) for p in pairs]
+    ours = lm.loglikelihood(requests, disable_tqdm=True)
+    for (context, continuation), (score, _) in zip(pairs, ours, strict=True):
+        ctx = lm.tok_encode(context)
+        cont = lm.tok_encode(continuation)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(reference_model(ids).logits[0].double(), -1)
+        want = sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+        assert score == pytest.approx(want, abs=0.15 + 0.05 * abs(want))
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    [rolling] = lm.loglikelihood_rolling(
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)],
+        disable_tqdm=True,
+    )
+    tokens = [lm.eot_token_id, *lm.tok_encode(text, add_special_tokens=False)]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reference_model(torch.tensor([tokens])).logits[0].double(), -1)
+    want = sum(logprobs[i, t].item() for i, t in enumerate(tokens[1:]))
+    assert rolling == pytest.approx(want, rel=0.05)
+    report("gguf loglikelihood_rolling vs HF fp32", f"{rolling:.3f} vs {want:.3f}")
+
+
+def test_sampling_is_seeded_and_until_stops(chats):
+    a = HalluLensGGUFLM(pretrained="smollm2", seed=7)
+    b = HalluLensGGUFLM(pretrained="smollm2", seed=7)
+    kwargs = {"until": ["."], "max_gen_toks": 20, "do_sample": True, "temperature": 1.0}
+    request = Instance(request_type="generate_until", doc={}, arguments=(chats[2], kwargs), idx=0)
+    [first] = a.generate_until([request], disable_tqdm=True)
+    [second] = b.generate_until([request], disable_tqdm=True)
+    assert first == second and "." not in first
+
+
+@pytest.mark.slow
+def test_stock_cli_generation_with_capture_and_loglikelihood(tmp_path):
+    store_path, out = tmp_path / "acts.lmdb", tmp_path / "out"
+    result = run_cli(
+        "lm_eval",
+        "--model",
+        "hallulens-gguf",
+        "--model_args",
+        f"pretrained=smollm2,activations={store_path},n_ctx=1024",
+        "--tasks",
+        "hallulens_demo,capture_choice",
+        "--include_path",
+        str(TEST_TASKS),
+        "--apply_chat_template",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [results_file] = out.rglob("results_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["results"]["capture_choice"]["acc,none"] >= 0.5
+    assert "answer_mentioned,none" in results["results"]["hallulens_demo"]
+    assert results["config"]["activations"] == str(store_path)
+    [samples] = out.rglob("samples_hallulens_demo_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    with open_store(store_path) as store:
+        assert len(store) == len(rows) == 8 and verify(store) == {}
+        for row in rows:
+            record = store[row["prompt_hash"]]
+            assert record.response == row["resps"][0][0]
+            assert record.backend == "gguf"
+            assert np.asarray(record.layer_ids).tolist() == list(range(31))
