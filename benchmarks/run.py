@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_startup.py", "bench_store.py", "bench_capture.py", "bench_judge.py"]
+BENCHMARKS = [
+    "bench_startup.py",
+    "bench_store.py",
+    "bench_capture.py",
+    "bench_gguf.py",
+    "bench_judge.py",
+]
 
 
 def main() -> int:

@@ -108,7 +108,10 @@ def test_wheel_ships_hook_tasks_prompts_and_entry_points(wheel):
         "lm_eval_hallulens_hook.py",
     ):
         assert name in names
-    assert "[lm_eval.models]\nhallulens-hf = hallulens_models.hf:HalluLensHFLM" in text
+    assert (
+        "[lm_eval.models]\nhallulens-gguf = hallulens_models.gguf:HalluLensGGUFLM\n"
+        "hallulens-hf = hallulens_models.hf:HalluLensHFLM" in text
+    )
     assert "[lm_eval.tasks]\nhallulens = hallulens_tasks" in text
 
 
