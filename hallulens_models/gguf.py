@@ -32,19 +32,23 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _context_callback(callback) -> Iterator[None]:
-    """Make the next llama.cpp context carry `cb_eval` (Llama() has no argument for it)."""
+def _context_params(callback, n_seq: int) -> Iterator[None]:
+    """Give the next llama.cpp context `cb_eval` and room for `n_seq` sequences decoded together
+    in one shared KV cache (Llama() has no arguments for either)."""
     from llama_cpp import llama_cpp as llama_lib
 
     original = llama_lib.llama_context_default_params
 
-    def with_callback():
+    def patched():
         params = original()
-        params.cb_eval = callback
-        params.cb_eval_user_data = None
+        if callback is not None:
+            params.cb_eval = callback
+            params.cb_eval_user_data = None
+        params.n_seq_max = n_seq
+        params.kv_unified = True
         return params
 
-    llama_lib.llama_context_default_params = with_callback
+    llama_lib.llama_context_default_params = patched
     try:
         yield
     finally:
@@ -80,12 +84,13 @@ class LlamaCppLM(TemplateLM):
 
         path = gguf_path(pretrained)
         self._name = pretrained
-        build = _context_callback(self._tap.callback) if self._tap else contextlib.nullcontext()
+        self._n_seq = _batch_size(batch_size)
+        self._n_ctx = int(n_ctx)  # per sequence
         try:
-            with build:
+            with _context_params(self._tap.callback if self._tap else None, self._n_seq):
                 self._llm = Llama(
                     model_path=path,
-                    n_ctx=int(n_ctx),
+                    n_ctx=int(n_ctx) * self._n_seq,  # one shared KV cache for the batch
                     n_batch=int(n_batch),
                     n_threads=None if n_threads is None else int(n_threads),
                     n_gpu_layers=int(n_gpu_layers),
@@ -124,7 +129,7 @@ class LlamaCppLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self._llm.n_ctx()
+        return self._n_ctx
 
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
@@ -151,24 +156,35 @@ class LlamaCppLM(TemplateLM):
         return self._template.render(chat_history, add_generation_prompt=add_generation_prompt)
 
     # --- decoding ----------------------------------------------------------------------
-    def _decode(self, tokens: list[int], start: int, all_logits: bool) -> np.ndarray:
-        """Feed `tokens` at positions `start`...; logits of every token or of the last one."""
+    def _feed(
+        self, tokens: list[int], positions, seqs: list[int], outputs: list[bool]
+    ) -> np.ndarray:
+        """Decode `tokens` (at `positions` of sequences `seqs`), n_batch at a time; returns the
+        logits rows of the tokens flagged in `outputs`, in order."""
         llm = self._llm
-        llm._ctx.kv_cache_seq_rm(-1, start, -1)
+        batch = llm._batch.batch
         rows = []
         for i in range(0, len(tokens), llm.n_batch):
-            chunk = tokens[i : i + llm.n_batch]
-            n_past = start + i
-            llm._batch.set_batch(batch=chunk, n_past=n_past, logits_all=all_logits)
+            end = min(len(tokens), i + llm.n_batch)
+            batch.n_tokens = end - i
+            for k, j in enumerate(range(i, end)):
+                batch.token[k] = tokens[j]
+                batch.pos[k] = positions[j]
+                batch.seq_id[k][0] = seqs[j]
+                batch.n_seq_id[k] = 1
+                batch.logits[k] = outputs[j]
             llm._ctx.decode(llm._batch)
-            llm.input_ids[n_past : n_past + len(chunk)] = chunk
-            n_out = len(chunk) if all_logits else 1
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, self._n_vocab))
-            rows.append(logits.copy() if all_logits or i + len(chunk) == len(tokens) else None)
-        llm.n_tokens = start + len(tokens)
-        if all_logits:
-            return np.concatenate(rows)
-        return rows[-1]
+            n_out = sum(outputs[i:end])
+            if n_out:
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, self._n_vocab))
+                rows.append(logits.copy())
+        return np.concatenate(rows) if rows else np.empty((0, self._n_vocab), np.float32)
+
+    def _prefill(self, seq: int, tokens: list[int], all_logits: bool) -> np.ndarray:
+        """Start sequence `seq` afresh with `tokens`; logits of every token or only the last."""
+        self._llm._ctx.kv_cache_seq_rm(seq, 0, -1)
+        outputs = [all_logits] * (len(tokens) - 1) + [True]
+        return self._feed(tokens, range(len(tokens)), [seq] * len(tokens), outputs)
 
     def _next_token(self, logits: np.ndarray, gen_kwargs: dict) -> int:
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
@@ -192,51 +208,94 @@ class LlamaCppLM(TemplateLM):
     def _captured_rows(self, context: str, prompt: list[int], generated: list[int], rows) -> None:
         """Receives the captured rows of one generation (see HalluLensGGUFLM)."""
 
-    def _generate(self, context: str, gen_kwargs: dict) -> str:
+    def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+        """Generate for several prompts with the same settings, decoded together (one llama.cpp
+        sequence each); a sequence leaves the batch at EOS, a stop string or its token limit."""
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [s for s in ([until] if isinstance(until, str) else until) if s]
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        prompt = self.tok_encode(context)[-max(1, self.max_length - max_new) :]
+        prompts = [self.tok_encode(c)[-max(1, self.max_length - max_new) :] for c in contexts]
         scope, tap = self._capture_scope(), self._tap
-        keep_prompt = scope in ("prompt", "all")
+        keep_prompt, keep_decode = scope in ("prompt", "all"), scope in ("generated", "all")
+        prefill: list[np.ndarray | None] = []
+        logits: dict[int, np.ndarray] = {}
+        for seq, prompt in enumerate(prompts):
+            if tap is not None:
+                tap.active = keep_prompt
+            # the last layer of every prompt token exists only where logits are requested
+            logits[seq] = self._prefill(seq, prompt, keep_prompt and self._wants_last_layer)[-1]
+            prefill.append(tap.take(len(prompt)) if keep_prompt else None)
         if tap is not None:
-            tap.active = keep_prompt
-        # the last layer of every prompt token exists only where logits are requested
-        logits = self._decode(prompt, 0, all_logits=keep_prompt and self._wants_last_layer)
-        prefill = tap.take(len(prompt)) if keep_prompt else None
+            tap.active = keep_decode
+        generated: list[list[int]] = [[] for _ in prompts]
+        decoded: list[list[np.ndarray]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        while active:
+            feed = []
+            for seq in active:
+                token = self._next_token(logits[seq], kwargs)
+                out = generated[seq]
+                out.append(token)
+                finished = (
+                    token in self._eog
+                    or len(out) >= max_new
+                    or len(prompts[seq]) + len(out) >= self.max_length
+                    or any(s in self.tok_decode(out) for s in until)
+                )
+                if not finished:
+                    feed.append(seq)
+            active = feed
+            if not feed:
+                break
+            positions = [len(prompts[seq]) + len(generated[seq]) - 1 for seq in feed]
+            tokens = [generated[seq][-1] for seq in feed]
+            rows = self._feed(tokens, positions, feed, [True] * len(feed))
+            captured = tap.take(len(feed)) if keep_decode else None
+            for j, seq in enumerate(feed):
+                logits[seq] = rows[j]
+                if captured is not None:
+                    decoded[seq].append(captured[:, j : j + 1])
+        texts = []
+        for seq, (context, prompt, out) in enumerate(
+            zip(contexts, prompts, generated, strict=True)
+        ):
+            if scope is not None:
+                parts = ([prefill[seq]] if keep_prompt else []) + decoded[seq]
+                rows = np.concatenate(parts, axis=1) if parts else tap.take(0)
+                self._captured_rows(context, prompt, out, rows)
+            text = self.tok_decode([t for t in out if t not in self._eog])
+            for stop in until:
+                text = text.split(stop)[0]
+            texts.append(text)
         if tap is not None:
-            tap.active = scope in ("generated", "all")
-        generated: list[int] = []
-        while True:
-            token = self._next_token(logits[-1], kwargs)
-            generated.append(token)
-            if token in self._eog or any(s in self.tok_decode(generated) for s in until):
-                break
-            if len(generated) >= max_new or len(prompt) + len(generated) >= self.max_length:
-                break
-            logits = self._decode([token], len(prompt) + len(generated) - 1, all_logits=False)
-        if scope is not None:
             tap.active = False
-            n_decoded = max(len(generated) - 1, 0)  # the last token is never fed back
-            decoded = tap.take(n_decoded if scope != "prompt" else 0)
-            rows = decoded if prefill is None else np.concatenate([prefill, decoded], axis=1)
-            self._captured_rows(context, prompt, generated, rows)
-        text = self.tok_decode([t for t in generated if t not in self._eog])
-        for stop in until:
-            text = text.split(stop)[0]
-        return text
+        return texts
 
     _wants_last_layer = False
 
     # --- the harness API ---------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="Running generate_until"):
-            context, gen_kwargs = request.args
-            text = self._generate(context, gen_kwargs)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+        """Requests in order, up to `batch_size` consecutive ones with equal settings at once."""
+        out: list[str] = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until")
+        i = 0
+        while i < len(requests):
+            gen_kwargs = requests[i].args[1]
+            chunk = [requests[i]]
+            while (
+                len(chunk) < self._n_seq
+                and i + len(chunk) < len(requests)
+                and requests[i + len(chunk)].args[1] == gen_kwargs
+            ):
+                chunk.append(requests[i + len(chunk)])
+            contexts = [r.args[0] for r in chunk]
+            for context, text in zip(contexts, self._generate(contexts, gen_kwargs), strict=True):
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                out.append(text)
+            i += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -246,7 +305,7 @@ class LlamaCppLM(TemplateLM):
         ):
             tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :]
             n_cont = len(continuation_enc)
-            logits = self._decode(tokens[:-1], 0, all_logits=True)[-n_cont:]
+            logits = self._prefill(0, tokens[:-1], all_logits=True)[-n_cont:]
             logprobs = _log_softmax(logits.astype(np.float64))
             target = np.asarray(tokens[-n_cont:])
             total = float(logprobs[np.arange(n_cont), target].sum())
@@ -279,6 +338,20 @@ class LlamaCppLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         return {"model": self._name, "backend": "llama.cpp"}
+
+
+def _batch_size(value: object) -> int:
+    """The harness's `--batch_size` as the number of sequences decoded together."""
+    text = str(value).split(":")[0]
+    if text == "auto":
+        return 8
+    try:
+        size = int(text)
+    except ValueError:
+        raise CaptureConfigError(f"batch_size={value!r} is not a number") from None
+    if size < 1:
+        raise CaptureConfigError(f"batch_size={value!r} must be at least 1")
+    return size
 
 
 def gguf_path(pretrained: str) -> str:
