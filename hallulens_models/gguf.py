@@ -85,16 +85,17 @@ class LlamaCppLM(TemplateLM):
         path = gguf_path(pretrained)
         self._name = pretrained
         self._n_seq = _batch_size(batch_size)
-        self._n_ctx = int(n_ctx)  # per sequence
+        self._n_ctx = _int("n_ctx", n_ctx, 16)  # per sequence
+        seed = _int("seed", seed, 0)
         try:
             with _context_params(self._tap.callback if self._tap else None, self._n_seq):
                 self._llm = Llama(
                     model_path=path,
-                    n_ctx=int(n_ctx) * self._n_seq,  # one shared KV cache for the batch
-                    n_batch=int(n_batch),
-                    n_threads=None if n_threads is None else int(n_threads),
-                    n_gpu_layers=int(n_gpu_layers),
-                    seed=int(seed),
+                    n_ctx=self._n_ctx * self._n_seq,  # one shared KV cache for the batch
+                    n_batch=_int("n_batch", n_batch, 1),
+                    n_threads=None if n_threads is None else _int("n_threads", n_threads, 1),
+                    n_gpu_layers=_int("n_gpu_layers", n_gpu_layers, -1),
+                    seed=seed,
                     verbose=False,
                     **kwargs,
                 )
@@ -102,14 +103,14 @@ class LlamaCppLM(TemplateLM):
             raise ModelFilesError(f"pretrained={path}: llama.cpp cannot load it: {exc}") from None
         # free llama.cpp before interpreter shutdown tears its bindings down
         weakref.finalize(self, self._llm.close)
-        for needed in ("_ctx", "_batch", "input_ids"):
+        for needed in ("_ctx", "_batch", "_model", "input_ids"):
             if not hasattr(self._llm, needed):
                 raise CaptureConfigError(
                     "this llama-cpp-python lacks Llama." + needed + ": tested with 0.3.36"
                 )
         self._n_vocab = self._llm.n_vocab()
-        self._rng = np.random.default_rng(int(seed))
-        self.max_gen_toks = int(max_gen_toks)
+        self._rng = np.random.default_rng(seed)
+        self.max_gen_toks = _int("max_gen_toks", max_gen_toks, 1)
         self._template = ChatTemplate.from_metadata(self._llm.metadata, self._token_text)
         self._add_bos = self._llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._eog = {t for t in range(self._n_vocab) if self._is_eog(t)}
@@ -340,18 +341,20 @@ class LlamaCppLM(TemplateLM):
         return {"model": self._name, "backend": "llama.cpp"}
 
 
+def _int(name: str, value: object, minimum: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise CaptureConfigError(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise CaptureConfigError(f"{name}={value!r} must be at least {minimum}")
+    return number
+
+
 def _batch_size(value: object) -> int:
     """The harness's `--batch_size` as the number of sequences decoded together."""
     text = str(value).split(":")[0]
-    if text == "auto":
-        return 8
-    try:
-        size = int(text)
-    except ValueError:
-        raise CaptureConfigError(f"batch_size={value!r} is not a number") from None
-    if size < 1:
-        raise CaptureConfigError(f"batch_size={value!r} must be at least 1")
-    return size
+    return 8 if text == "auto" else _int("batch_size", text, 1)
 
 
 def gguf_path(pretrained: str) -> str:

@@ -4,6 +4,7 @@ dequantized weights, chat template vs the HF tokenizer's, loglikelihoods, and th
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -187,3 +188,20 @@ def test_stock_cli_generation_with_capture_and_loglikelihood(tmp_path):
             assert record.response == row["resps"][0][0]
             assert record.backend == "gguf"
             assert np.asarray(record.layer_ids).tolist() == list(range(31))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"n_ctx": "big"}, "n_ctx='big' is not an integer"),
+        ({"batch_size": 0}, "batch_size='0' must be at least 1"),
+        ({"pretrained": "/nowhere/model.gguf"}, "pretrained=/nowhere/model.gguf"),
+        ({"pretrained": "/nowhere/model.gguf", "activations": "x.lmdb"}, "not a readable GGUF"),
+        ({"capture_layers": [31], "activations": "x.lmdb"}, "layer 31 is out of range"),
+    ],
+)
+def test_bad_model_args_are_clear_errors(args, message):
+    from hallulens_capture.errors import HalluLensError
+
+    with pytest.raises(HalluLensError, match=re.escape(message)):
+        HalluLensGGUFLM(**{"pretrained": "smollm2", **args})
