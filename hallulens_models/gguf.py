@@ -4,13 +4,13 @@ The harness's own `gguf` model is an HTTP client without chat templates; this on
 with llama-cpp-python and implements generation (greedy or sampled, `until`, `max_gen_toks`),
 `loglikelihood`, `loglikelihood_rolling` and the GGUF's own chat template. Decoding goes
 through llama.cpp's batch API directly (the high-level `Llama` sampler cannot hand us the
-logits of every position), one sequence at a time. Capture: `llama_tap.GraphTap` on `cb_eval`.
+logits of every position); `batch_size` sequences decode together, one llama.cpp sequence each.
+Capture: `llama_tap.GraphTap` on `cb_eval`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from collections.abc import Iterator
 
@@ -26,9 +26,8 @@ from hallulens_capture.record import storage_from_float32
 from hallulens_capture.session import CapturedSample, CaptureSession
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.chat_template import ChatTemplate
+from hallulens_models.embedded import resolve_gguf
 from hallulens_models.harness import CaptureMixin, join_harness_cli
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -82,7 +81,7 @@ class LlamaCppLM(TemplateLM):
         kwargs.pop("max_batch_size", None)
         from llama_cpp import Llama
 
-        path = gguf_path(pretrained)
+        path = resolve_gguf(pretrained)
         self._name = pretrained
         self._n_seq = _batch_size(batch_size)
         self._n_ctx = _int("n_ctx", n_ctx, 16)  # per sequence
@@ -357,12 +356,6 @@ def _batch_size(value: object) -> int:
     return 8 if text == "auto" else _int("batch_size", text, 1)
 
 
-def gguf_path(pretrained: str) -> str:
-    from hallulens_models.embedded import SMOLLM2, smollm2_gguf
-
-    return str(smollm2_gguf()) if pretrained == SMOLLM2 else pretrained
-
-
 def _gguf_shape(path: str) -> tuple[int, int]:
     """(decoder layers, hidden size) from the GGUF header, before llama.cpp loads the weights."""
     from gguf import GGUFReader
@@ -399,7 +392,7 @@ class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
         if spec is not None:
             from hallulens_models.llama_tap import GraphTap
 
-            n_layer, n_embd = _gguf_shape(gguf_path(pretrained))
+            n_layer, n_embd = _gguf_shape(resolve_gguf(pretrained))
             layer_ids = spec.layer_ids(n_layer)  # bad options fail before weights load
             self._tap = GraphTap(layer_ids, n_embd)
             self._wants_last_layer = n_layer in layer_ids

@@ -8,15 +8,12 @@ transaction; the records are not touched.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 
 from hallulens_capture.keys import prompt_hash
 from hallulens_capture.store import ActivationStore
 from hallulens_tasks.samples import SamplesError, outcome, prompt, read_samples
-
-log = logging.getLogger(__name__)
 
 
 def _record_key(store: ActivationStore, digest: str, task: str, doc_id: object) -> str | None:

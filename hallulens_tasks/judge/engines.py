@@ -89,9 +89,9 @@ class GGUFBackend:
                 f"judge {settings.spec} needs llama-cpp-python: "
                 "pip install 'lm-eval-hallulens[gguf]'"
             ) from None
-        from hallulens_models.embedded import SMOLLM2, smollm2_gguf
+        from hallulens_models.embedded import resolve_gguf
 
-        path = str(smollm2_gguf()) if settings.spec.model == SMOLLM2 else settings.spec.model
+        path = resolve_gguf(settings.spec.model)
         args = {"n_ctx": 8192, "verbose": False}
         args.update({k: _typed(v) for k, v in settings.model_args.items()})
         try:
