@@ -50,10 +50,11 @@ class CapturedSample:
     """What an engine captured for one generation, in engine-neutral form.
 
     `activations` is [n_layers, n_tokens, hidden] in the storage dtype (uint16 bits for
-    bfloat16), rows in the order of `token_positions`.
+    bfloat16), rows in the order of `token_positions`. `prompt` is None from engines that see
+    only token ids (vLLM): the output it belongs to is then known by order alone.
     """
 
-    prompt: str
+    prompt: str | None
     prompt_token_ids: Sequence[int]
     generated_token_ids: Sequence[int]
     token_positions: np.ndarray
@@ -119,7 +120,7 @@ class CaptureSession:
         self, key: str, request: SampleRequest, response: str, sample: CapturedSample
     ) -> None:
         """Check one captured sample against the spec and store it under `key`."""
-        if sample.prompt != request.prompt:
+        if sample.prompt is not None and sample.prompt != request.prompt:
             raise CaptureError(f"record {key}: engine output belongs to another prompt")
         acts = sample.activations
         expected = token_positions(

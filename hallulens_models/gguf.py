@@ -415,9 +415,3 @@ class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
                 activations=storage_from_float32(rows, self._capture.spec.dtype),
             )
         )
-
-    def get_model_info(self) -> dict:
-        info = super().get_model_info()
-        if self._capture is not None:
-            info.update(self._capture.info())
-        return info

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class _OutputRouter:
-    """Stands in for the cache hook during one `generate_until`, pairing outputs with records."""
+    """Stands in for the cache hook during one `generate_until`, pairing outputs with records.
+
+    An output is matched to a request by its context and, where the backend hands the hook the
+    request's own settings, its gen_kwargs (HF, GGUF); vLLM's hook gets normalised settings, so
+    an output whose settings match no request goes to the first waiting one with its context.
+    """
 
     def __init__(
         self, session: CaptureSession, hook, requests: list[SampleRequest], keys: list[str]
@@ -29,10 +34,25 @@ class _OutputRouter:
         self._hook = hook
         self._requests = requests
         self._keys = keys
-        self._waiting: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+        self._waiting: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
-            self._waiting[(request.prompt, canonical_json(request.gen_kwargs))].append(i)
+            self._waiting[request.prompt].append(i)
         self.pending: deque[CapturedSample] = deque()
+
+    def _claim(self, context: str, gen_kwargs: dict) -> int | None:
+        waiting = self._waiting.get(context)
+        if not waiting:
+            return None
+        wanted = canonical_json(gen_kwargs)
+        at = next(
+            (
+                j
+                for j, i in enumerate(waiting)
+                if canonical_json(self._requests[i].gen_kwargs) == wanted
+            ),
+            0,
+        )
+        return waiting.pop(at)
 
     def add_partial(self, attr: str, req, res) -> None:
         self._hook.add_partial(attr, req, res)
@@ -42,10 +62,9 @@ class _OutputRouter:
         if not self.pending:
             raise CaptureError("the engine returned an output without captured activations")
         sample = self.pending.popleft()
-        queue = self._waiting.get((context, canonical_json(gen_kwargs)))
-        if sample.prompt != context or not queue:
+        i = self._claim(context, gen_kwargs)
+        if i is None or sample.prompt not in (None, context):
             raise CaptureError("captured activations do not line up with the harness's outputs")
-        i = queue.popleft()
         self._session.write(self._keys[i], self._requests[i], res, sample)
 
     def __getattr__(self, name: str):
@@ -66,6 +85,14 @@ class CaptureMixin:
     def capturing(self) -> bool:
         """True while a `generate_until` with capture is running (engine glue checks this)."""
         return self._router is not None
+
+    def get_model_info(self) -> dict:
+        """The parent's model info (if it has any) plus the capture settings, for results."""
+        parent = getattr(super(), "get_model_info", None)
+        info = parent() if parent is not None else {}
+        if self._capture is not None:
+            info.update(self._capture.info())
+        return info
 
     def _captured(self, sample: CapturedSample) -> None:
         if self._router is None:

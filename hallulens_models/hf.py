@@ -13,34 +13,14 @@ import transformers
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from hallulens_capture.errors import CaptureConfigError, CaptureError, ModelFilesError
+from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.embedded import resolve_pretrained
 from hallulens_models.harness import CaptureMixin, join_harness_cli
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
-
-
-def _num_layers(pretrained: str | transformers.PreTrainedModel, kwargs: dict) -> int:
-    """Decoder depth from the config alone, so bad capture options fail before weights load."""
-    if isinstance(pretrained, transformers.PreTrainedModel):
-        config = pretrained.config
-    else:
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                pretrained,
-                revision=kwargs.get("revision", "main"),
-                trust_remote_code=kwargs.get("trust_remote_code", False),
-                subfolder=kwargs.get("subfolder", ""),
-                gguf_file=kwargs.get("gguf_file"),
-            )
-        except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelFilesError(
-                f"pretrained={pretrained}: cannot read the model config: {reason}"
-            ) from None
-    return config.get_text_config().num_hidden_layers
+from hallulens_models.model_config import text_config
 
 
 @register_model("hallulens-hf")
@@ -62,7 +42,9 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         model_name = pretrained if isinstance(pretrained, str) else pretrained.name_or_path
         if isinstance(pretrained, str):
             pretrained = resolve_pretrained(pretrained)
-        layer_ids = spec.layer_ids(_num_layers(pretrained, kwargs)) if spec else None
+        layer_ids = (
+            spec.layer_ids(text_config(pretrained, kwargs).num_hidden_layers) if spec else None
+        )
         self._batch_prompts: list[str] | None = None
         super().__init__(pretrained=pretrained, **kwargs)
         if spec is None:
@@ -79,12 +61,6 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
-
-    def get_model_info(self) -> dict:
-        info = super().get_model_info()
-        if self._capture is not None:
-            info.update(self._capture.info())
-        return info
 
     def tok_batch_encode(self, strings: list[str], *args, **kwargs):
         self._batch_prompts = list(strings)

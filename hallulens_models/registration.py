@@ -19,6 +19,7 @@ from types import ModuleType
 MODELS = {
     "hallulens-hf": "hallulens_models.hf:HalluLensHFLM",
     "hallulens-gguf": "hallulens_models.gguf:HalluLensGGUFLM",
+    "hallulens-vllm": "hallulens_models.vllm:HalluLensVLLM",
 }
 
 

@@ -1,0 +1,187 @@
+"""`hallulens-vllm` on vllm-cpu with SmolLM2: records against an independent HF forward pass.
+
+Every engine here runs in float32 so the comparison measures the capture, not the kernels:
+each stored (layer, token) row must match the HF row (max relative error asserted and
+reported, cosine >= 0.999), and the same comparison one layer off must fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+from conftest import ROOT, report, run_cli
+from reference import compare_record
+
+from hallulens_capture import open_store
+from hallulens_capture.errors import HalluLensError
+
+pytestmark = pytest.mark.slow
+vllm = pytest.importorskip("vllm")
+
+TEST_TASKS = ROOT / "tests" / "tasks"
+ENGINE = "dtype=float32,gpu_memory_utilization=0.2,enforce_eager=True,max_model_len=128"
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+MAX_REL_ERROR = 1e-4  # measured 1e-5 .. 3e-5 (fp32 engine vs fp32 HF)
+
+
+def check_against_hf(store, reference_model, name: str) -> None:
+    worst, lowest, rows = 0.0, 1.0, 0
+    for key in store:
+        record = store[key]
+        right = compare_record(record, reference_model)
+        wrong = compare_record(record, reference_model, layer_shift=1)
+        assert right.rows > 0 and right.min_cosine >= 0.999, (key, right)
+        assert right.max_rel_error < MAX_REL_ERROR, (key, right)
+        assert wrong.min_cosine < 0.9, (key, wrong)  # the check can fail
+        worst, lowest, rows = (
+            max(worst, right.max_rel_error),
+            min(lowest, right.min_cosine),
+            rows + right.rows,
+        )
+    report(
+        name, f"{len(store)} records, {rows} rows: max rel error {worst:.2e}, min cos {lowest:.9f}"
+    )
+
+
+def test_stock_cli_capture_matches_hf_and_lines_up_with_hallulens_hf(tmp_path, reference_model):
+    """Mixed prompt lengths, several samples, chunked prefill forced by a 16-token step budget;
+    a loglikelihood task in the same run still works; hallulens-hf writes the same keys."""
+    capture = "capture_tokens=all,capture_dtype=float32"
+    runs = {}
+    for model, extra in (
+        ("hallulens-vllm", f"{ENGINE},max_num_batched_tokens=16"),
+        ("hallulens-hf", "dtype=float32"),
+    ):
+        store_path, out = tmp_path / f"{model}.lmdb", tmp_path / model
+        result = run_cli(
+            "lm_eval",
+            "--model",
+            model,
+            "--model_args",
+            f"pretrained=smollm2,activations={store_path},{capture},{extra}",
+            "--tasks",
+            "capture_probe,capture_choice",
+            "--include_path",
+            str(TEST_TASKS),
+            "--apply_chat_template",
+            "--limit",
+            "8",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(out),
+            "--log_samples",
+            env=ENV,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        [results_file] = out.rglob("results_*.json")
+        results = json.loads(results_file.read_text())
+        assert results["results"]["capture_choice"]["acc,none"] >= 0.5
+        [samples] = out.rglob("samples_capture_probe_*.jsonl")
+        runs[model] = (store_path, [json.loads(line) for line in samples.read_text().splitlines()])
+
+    store_path, samples = runs["hallulens-vllm"]
+    with open_store(store_path) as store:
+        assert len(store) == len(samples) == 8
+        lengths = {len(store[k].prompt_token_ids) for k in store}
+        assert len(lengths) > 1 and max(lengths) > 16  # unequal prompts, each split into chunks
+        for row in samples:
+            record = store[row["prompt_hash"]]
+            assert record.response == row["resps"][0][0] and record.backend == "vllm"
+            assert record.task == "capture_probe" and int(record.doc_id) == row["doc_id"]
+        check_against_hf(store, reference_model, "hallulens-vllm (stock lm_eval, chunked prefill)")
+        with open_store(runs["hallulens-hf"][0]) as hf:
+            assert sorted(hf.keys()) == sorted(store.keys())
+            for key in store:
+                ours, theirs = store[key], hf[key]
+                assert ours.prompt == theirs.prompt and ours.response == theirs.response
+                np.testing.assert_array_equal(ours.prompt_token_ids, theirs.prompt_token_ids)
+                np.testing.assert_array_equal(ours.generated_token_ids, theirs.generated_token_ids)
+                np.testing.assert_array_equal(ours.token_positions, theirs.token_positions)
+                a = ours.all_layers_activations.astype(np.float64)
+                b = theirs.all_layers_activations.astype(np.float64)
+                cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+                assert cos.min() >= 0.999, key
+
+
+@pytest.fixture(scope="module")
+def preempting_lm(tmp_path_factory):
+    """An engine too small for its batch: 5 KV blocks of 32 tokens for 6 long generations."""
+    from hallulens_models.vllm import HalluLensVLLM
+
+    path = tmp_path_factory.mktemp("vllm") / "acts.lmdb"
+    lm = HalluLensVLLM(
+        pretrained="smollm2",
+        activations=str(path),
+        capture_tokens="all",
+        capture_dtype="float32",
+        max_num_batched_tokens=16,
+        num_gpu_blocks_override=5,
+        block_size=32,
+        batch_size="auto",
+        dtype="float32",
+        gpu_memory_utilization=0.2,
+        enforce_eager=True,
+        max_model_len=128,
+    )
+    return lm, path
+
+
+def generate(lm, prompts, max_gen_toks=40):
+    from lm_eval.api.instance import Instance
+
+    requests = [
+        Instance(
+            "generate_until",
+            {},
+            (p, {"until": [], "max_gen_toks": max_gen_toks, "do_sample": False}),
+            i,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    return lm.generate_until(requests, disable_tqdm=True)
+
+
+def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, caplog):
+    lm, path = preempting_lm
+    prompts = [
+        f"Once upon a time, in a {place} far away, there lived {who}"
+        for place, who in (
+            ("kingdom", "a baker"),
+            ("quiet mountain village", "an old clockmaker and his three curious grandchildren"),
+            ("city", "a cat"),
+            ("desert", "a traveller who collected maps of places that never existed"),
+            ("forest", "a fox"),
+            ("harbour town", "two sisters"),
+        )
+    ]
+    with caplog.at_level(logging.INFO, logger="hallulens_models"):
+        texts = generate(lm, prompts)
+    assert re.search(r"\d+ captured rows were computed again after preemption", caplog.text)
+    with open_store(path) as store:
+        assert len(store) == len(prompts)
+        for key in store:
+            assert len(store[key].generated_token_ids) > 16  # long enough to need more blocks
+        assert sorted(store[k].response for k in store) == sorted(texts)
+        check_against_hf(store, reference_model, "hallulens-vllm (preemption + recompute)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"data_parallel_size": 2}, "data_parallel_size=2 cannot be used with activation capture"),
+        ({"enable_prefix_caching": True}, "enable_prefix_caching=True cannot be used"),
+        ({"worker_cls": "my.Worker"}, "worker_cls=my.Worker: capture needs"),
+        ({"capture_layers": [31]}, "layer 31 is out of range"),
+        ({"pretrained": "/nowhere/model"}, "pretrained=/nowhere/model"),
+    ],
+)
+def test_bad_model_args_fail_before_the_engine_starts(args, message):
+    from hallulens_models.vllm import HalluLensVLLM
+
+    with pytest.raises(HalluLensError, match=re.escape(message)):
+        HalluLensVLLM(**{"pretrained": "smollm2", "activations": "x.lmdb", **args})
