@@ -94,6 +94,14 @@ class CaptureSession:
             stored.append(self._stored_response(key, request))
         return keys, stored
 
+    def free_key(self, prompt: str) -> str:
+        """The first key of `prompt` not yet in the store (a server records every request; a
+        repeated prompt gets the next `-n` suffix)."""
+        n = 0
+        while record_key(prompt, n) in self.store:
+            n += 1
+        return record_key(prompt, n)
+
     def _stored_response(self, key: str, request: SampleRequest) -> str | None:
         if key not in self.store:
             return None

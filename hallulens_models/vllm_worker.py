@@ -92,19 +92,20 @@ class LayerRows:
             self._rows.setdefault(tag, []).append((first, rows[:, offset : offset + k]))
             offset += k
 
-    def collect(self, wanted: list[list], directory: str) -> list[dict]:
-        """Write the rows `[tag, first position, count]` asks for, one raw file per request.
-
-        Forgets every other request (a generate call's leftovers: aborted requests, rows past a
-        stop string). A request missing a row is reported, never padded.
+    def collect(self, wanted: list[list], directory: str, forget_others: bool) -> list[dict]:
+        """Write the rows `[tag, first position, count]` asks for, one raw file per request
+        (count 0 just forgets the request's rows). `forget_others` also drops every request not
+        asked for: after an offline generate call those are leftovers (aborted requests); a
+        server has others still running. A request missing a row is reported, never padded.
         """
         for event in self._events:
             event.synchronize()
         self._events.clear()
-        rows, self._rows = self._rows, {}
         out = []
         for tag, first, count in wanted:
-            chunks = rows.pop(tag, [])
+            chunks = self._rows.pop(tag, [])
+            if not count:
+                continue
             hidden = chunks[0][1].shape[-1] if chunks else 0
             data = torch.empty((self._layers, count, hidden), dtype=self._dtype)
             filled = np.zeros(count, dtype=np.int32)
@@ -113,7 +114,7 @@ class LayerRows:
                 if a < b:
                     data[:, a - first : b - first] = chunk[:, a - start : b - start]
                     filled[a - first : b - first] += 1
-            if count and not filled.all():
+            if not filled.all():
                 missing = np.flatnonzero(filled == 0) + first
                 out.append({"tag": tag, "missing": [int(missing[0]), int(missing[-1])]})
                 continue
@@ -128,6 +129,8 @@ class LayerRows:
                     "recomputed": recomputed,
                 }
             )
+        if forget_others:
+            self._rows.clear()
         return out
 
 
@@ -180,9 +183,11 @@ class CaptureWorkerMixin:
         super().load_model(*args, **kwargs)  # type: ignore[misc]
         _install(self)
 
-    def hallulens_collect(self, wanted: list[list], directory: str) -> list[dict]:
+    def hallulens_collect(
+        self, wanted: list[list], directory: str, forget_others: bool = True
+    ) -> list[dict]:
         rows = getattr(self, "hallulens_rows", None)
-        return [] if rows is None else rows.collect(wanted, directory)
+        return [] if rows is None else rows.collect(wanted, directory, forget_others)
 
 
 def _worker_class() -> type:

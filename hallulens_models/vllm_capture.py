@@ -1,0 +1,166 @@
+"""The front-end half of vLLM capture, shared by `hallulens-vllm` and the `vllm serve` plugin.
+
+The engine side (`vllm_worker`) keeps rows by request tag; this side decides the engine settings
+capture needs, tags requests, works out from each finished output which rows its record holds
+(the response ends where HF's would: first EOS or stop-string token), and turns the rows the
+worker hands over into `CapturedSample`s for the shared record writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import numpy as np
+
+from hallulens_capture.errors import CaptureConfigError, CaptureError
+from hallulens_capture.positions import response_length, token_positions
+from hallulens_capture.record import CAPTURE_DTYPE_LABELS, STORAGE_DTYPES
+from hallulens_capture.session import CapturedSample
+from hallulens_capture.spec import CaptureSpec
+from hallulens_models.vllm_worker import CONFIG_KEY, TAG
+
+log = logging.getLogger(__name__)
+
+TESTED_VLLM = ("0.32.0",)
+WORKER = "hallulens_models.vllm_worker.CaptureWorker"
+COLLECT = "hallulens_collect"  # the worker method collective_rpc calls
+
+_REFUSED = {
+    "data_parallel_size": (
+        lambda v: int(v) > 1,
+        "run one process per data-parallel rank, each with its own activations= store",
+    ),
+    "pipeline_parallel_size": (lambda v: int(v) > 1, "use tensor_parallel_size instead"),
+    "speculative_config": (bool, "verified draft tokens do not map to rows one to one"),
+    "enable_prefix_caching": (
+        bool,
+        "cached prefix tokens are never recomputed, so their activations would be missing",
+    ),
+}
+
+
+def engine_settings(settings: dict, layer_ids: Sequence[int], spec: CaptureSpec) -> dict:
+    """Engine arguments for capture: refuse what it cannot follow, add our worker and its
+    settings, turn prefix caching off. `settings` holds the user's engine arguments.
+
+    Also selects vLLM's V1 model runner (Model Runner V2, the GPU default for dense models,
+    keeps its batch elsewhere) and warns on an untested vLLM version: the worker then checks
+    every internal it uses and stops with a message rather than capture garbage.
+    """
+    installed = version("vllm")
+    if installed.split("+")[0] not in TESTED_VLLM:
+        log.warning(
+            "vLLM %s is not one of the versions hallulens-vllm was tested with (%s)",
+            installed,
+            ", ".join(TESTED_VLLM),
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    for name, (bad, why) in _REFUSED.items():
+        value = settings.get(name)
+        if value is not None and bad(value):
+            raise CaptureConfigError(
+                f"{name}={value} cannot be used with activation capture: {why}"
+            )
+    worker = settings.get("worker_cls") or "auto"
+    if worker not in ("auto", WORKER):
+        raise CaptureConfigError(f"worker_cls={worker}: capture needs {WORKER}")
+    extra = dict(settings.get("additional_config") or {})
+    extra[CONFIG_KEY] = {
+        "layer_ids": [int(i) for i in layer_ids],
+        "tokens": spec.tokens,
+        "dtype": spec.dtype,
+    }
+    return {"worker_cls": WORKER, "enable_prefix_caching": False, "additional_config": extra}
+
+
+def staging_dir() -> str:
+    """Where the worker hands rows over: shared memory when the machine has it."""
+    shm = "/dev/shm"
+    where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="hallulens-vllm-", dir=where)
+
+
+def tag(params, value: str) -> None:
+    """Mark a request for capture (the worker captures only tagged requests)."""
+    params.extra_args = {**(params.extra_args or {}), TAG: value}
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What one finished request's record holds."""
+
+    tag: str
+    prompt_token_ids: list[int]
+    generated_token_ids: list[int]
+    positions: np.ndarray
+
+
+def plan(
+    tag_: str,
+    prompt_token_ids: Sequence[int],
+    completion,
+    params,
+    scope: str,
+    eos_id: int | None,
+    decode: Callable,
+) -> RowPlan:
+    """Tokens and positions of one finished request's record; `completion` is a vLLM
+    `CompletionOutput` (token_ids, finish_reason, stop_reason) holding the whole answer."""
+    generated = list(completion.token_ids)
+    ends = set() if eos_id is None else {eos_id}
+    if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
+        ends.update(generated[-1:])  # vLLM stopped on this token (EOS or a stop token id)
+    keep = response_length(
+        generated,
+        ends,
+        params.stop or [],
+        lambda ids: decode(ids, skip_special_tokens=params.skip_special_tokens),
+    )
+    prompt = list(prompt_token_ids)
+    return RowPlan(tag_, prompt, generated[:keep], token_positions(scope, len(prompt), keep))
+
+
+def wanted(plans: Sequence[RowPlan]) -> list[list]:
+    """The collect request: [tag, first position, count] per plan (count 0 drops the rows)."""
+    return [
+        [p.tag, int(p.positions[0]) if len(p.positions) else 0, len(p.positions)] for p in plans
+    ]
+
+
+def samples(
+    plans: Sequence[RowPlan],
+    results: Sequence[list[dict]],
+    spec: CaptureSpec,
+    shape: tuple[int, int],
+) -> list[CapturedSample]:
+    """Read the worker's hand-over files (every rank's `collect` result) into samples."""
+    found = {item["tag"]: item for rank in results for item in rank}
+    dtype = STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[spec.dtype]]
+    layers, hidden = shape
+    out = []
+    for p in plans:
+        if len(p.positions):
+            item = found.get(p.tag)
+            if item is None or "missing" in item:
+                span = item["missing"] if item else "all"
+                raise CaptureError(
+                    f"vLLM ran no forward pass for positions {span} of a request; "
+                    "its activations are incomplete"
+                )
+            rows = np.fromfile(item["path"], dtype=dtype).reshape(item["shape"])
+            os.unlink(item["path"])
+        else:
+            rows = np.empty((layers, 0, hidden), dtype=dtype)
+        out.append(
+            CapturedSample(None, p.prompt_token_ids, p.generated_token_ids, p.positions, rows)
+        )
+    return out
+
+
+def recomputed(results: Sequence[list[dict]]) -> int:
+    return sum(item.get("recomputed", 0) for rank in results for item in rank)
