@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench_store.py",
     "bench_capture.py",
     "bench_gguf.py",
+    "bench_vllm.py",
     "bench_judge.py",
 ]
 
