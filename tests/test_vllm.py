@@ -128,7 +128,8 @@ def preempting_lm(tmp_path_factory):
         enforce_eager=True,
         max_model_len=128,
     )
-    return lm, path
+    yield lm, path
+    lm.model.llm_engine.engine_core.shutdown()  # now, not at exit after pytest closed its streams
 
 
 def generate(lm, prompts, max_gen_toks=40):
