@@ -186,3 +186,32 @@ def test_bad_model_args_fail_before_the_engine_starts(args, message):
 
     with pytest.raises(HalluLensError, match=re.escape(message)):
         HalluLensVLLM(**{"pretrained": "smollm2", "activations": "x.lmdb", **args})
+
+
+def test_tensor_parallel_first_rank_keeps_the_rows(tmp_path, reference_model, monkeypatch):
+    """SmolLM2's 9 heads split over 3 CPU ranks; only the first keeps rows, one record each."""
+    from hallulens_models.vllm import HalluLensVLLM
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")  # 3 ranks on a 2-core machine
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    path = tmp_path / "tp.lmdb"
+    lm = HalluLensVLLM(
+        pretrained="smollm2",
+        activations=str(path),
+        capture_tokens="all",
+        capture_dtype="float32",
+        dtype="float32",
+        gpu_memory_utilization=0.2,
+        enforce_eager=True,
+        max_model_len=256,
+        tensor_parallel_size=3,
+        batch_size=4,
+    )
+    try:
+        texts = generate(lm, ["The capital of France is", "Count: 1, 2, 3,", "Name a fruit."], 12)
+    finally:
+        lm.model.llm_engine.engine_core.shutdown()
+    with open_store(path) as store:
+        assert len(store) == 3
+        assert sorted(store[k].response for k in store) == sorted(texts)
+        check_against_hf(store, reference_model, "hallulens-vllm (tensor parallel 3)")
