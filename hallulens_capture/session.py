@@ -4,12 +4,18 @@ A backend hands over engine-neutral `CapturedSample`s; the session decides the k
 sample against the capture spec, builds the record and writes it. Before generating, `plan()`
 looks every request up in the store: a request whose record exists is not generated again
 (its stored response is returned), which is how an interrupted run resumes.
+
+Checks run at once, in the caller's thread; encoding and the LMDB write run on one writer thread
+behind a short queue, so an engine goes on with its next batch while records are written.
+`flush()` waits for the queue and raises what the writer met (a full disk, say).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +79,9 @@ class CaptureSession:
         self.store = ActivationStore(spec.path, writable=True, map_size_gb=spec.map_size_gb)
         self.written = 0
         self._scratch = bytearray()
+        self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the records held in memory
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def info(self) -> dict[str, object]:
         """Capture settings for the harness results' `config` section."""
@@ -127,7 +136,8 @@ class CaptureSession:
     def write(
         self, key: str, request: SampleRequest, response: str, sample: CapturedSample
     ) -> None:
-        """Check one captured sample against the spec and store it under `key`."""
+        """Check one captured sample against the spec and queue it for the store under `key`."""
+        self._raise_failure()
         if sample.prompt is not None and sample.prompt != request.prompt:
             raise CaptureError(f"record {key}: engine output belongs to another prompt")
         acts = sample.activations
@@ -163,14 +173,46 @@ class CaptureSession:
             "prompt_token_ids": sample.prompt_token_ids,
             "generated_token_ids": sample.generated_token_ids,
         }
-        value = encode_record(acts, self.dtype_label, index, metadata, self._scratch)
-        if value.obj is not self._scratch:  # grown: keep the larger buffer for the next records
-            self._scratch = value.obj
-        self.store.put(key, value)
-        self.written += 1
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._drain, name="hallulens-store", daemon=True)
+            self._writer.start()
+        self._queue.put((key, acts, index, metadata))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._failure is None:  # after a failure, later records are dropped
+                    key, acts, index, metadata = item
+                    value = encode_record(acts, self.dtype_label, index, metadata, self._scratch)
+                    if value.obj is not self._scratch:  # grown: keep the larger buffer
+                        self._scratch = value.obj
+                    self.store.put(key, value)
+                    self.written += 1
+            except BaseException as exc:  # re-raised by flush or the next write
+                self._failure = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def flush(self) -> None:
+        """Wait until every queued record is in the store and synced; raise the writer's error."""
+        self._queue.join()
+        self._raise_failure()
+        self.store.sync()
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._queue.put(None)
+                self._writer.join()
+                self._writer = None
+            self.store.close()
 
 
 def _span(positions: np.ndarray) -> str:

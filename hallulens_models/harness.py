@@ -132,11 +132,11 @@ class CaptureMixin:
                 texts = super().generate_until([requests[i] for i in todo], disable_tqdm)  # type: ignore[misc]
             finally:
                 self.cache_hook, self._router = hook, None  # type: ignore[attr-defined]
+                session.flush()  # what was captured is kept, also when generation failed
             if router.pending:
                 raise CaptureError(f"{len(router.pending)} captured samples had no harness output")
             for i, text in zip(todo, texts, strict=True):
                 results[i] = text
-        session.store.sync()
         log.info("activation store %s: %d records written", session.spec.path, session.written)
         return results  # type: ignore[return-value]
 

@@ -167,7 +167,7 @@ class _Recorder:
 
         key = self.session.free_key(prompt)
         self.session.write(key, SampleRequest(prompt, settings), response, sample)
-        self.session.store.sync()
+        self.session.flush()
 
     async def forget(self, engine, tag: str) -> None:
         from hallulens_models.vllm_capture import COLLECT

@@ -114,3 +114,49 @@ def test_a_full_disk_stops_with_one_line_and_keeps_what_was_written(tmp_path):
         for key in store:
             i = int(store[key].prompt.rsplit(" ", 1)[1])
             assert key == sample(i)[0] and np.all(store[key].all_layers_activations == i)
+
+
+FULL_DISK_SESSION = """
+import resource, signal, sys
+import numpy as np
+from hallulens_capture.errors import StoreError
+from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.spec import CaptureSpec
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+spec = CaptureSpec.from_model_args({path!r}, capture_tokens="prompt", map_size_gb=1 / 1024)
+session = CaptureSession(spec, [0, 1], "m", backend="test")
+queued = 0
+try:
+    for i in range(100):
+        acts = np.full((2, 48, 1024), i, dtype=np.float16)
+        sample = CapturedSample(None, list(range(48)), [1], np.arange(48, dtype=np.int32), acts)
+        session.write(f"k{{i:03d}}", SampleRequest(f"prompt {{i}}"), f"r{{i}}", sample)
+        queued += 1
+    session.flush()
+except StoreError as exc:
+    print(queued, session.written, exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def test_a_full_disk_reaches_the_caller_of_the_background_writer(tmp_path):
+    """The session writes on its own thread; the failure still stops the run with the store's
+    one-line error (at the next write or at flush), and the records before it are intact."""
+    path = str(tmp_path / "s.lmdb")
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SESSION.format(path=path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    queued, written, message = result.stderr.strip().splitlines()[-1].split(" ", 2)
+    assert message.startswith(f"{path}: could not write record")
+    assert 5 < int(written) <= int(queued) < 100
+    with open_store(path) as store:
+        assert len(store) == int(written)
+        for key in store:
+            i = int(key[1:])
+            assert store[key].response == f"r{i}"
+            assert np.all(store[key].all_layers_activations == i)
