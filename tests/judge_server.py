@@ -1,10 +1,12 @@
 """A scripted OpenAI-compatible chat completions server on 127.0.0.1, for exact judge answers.
 
 A real HTTP server (threaded, keep-alive) answering `POST /v1/chat/completions` with whatever
-`answer(prompt)` returns. Faults are scripted per prompt: `fail[prompt] = n` answers the first
-n requests for that prompt with HTTP 500, `stall[prompt] = n` stalls the first n past the
-client's timeout; `down_after = n` answers 503 to everything after n good replies. It counts
-requests and the most requests it had in flight at once.
+`answer(prompt)` returns (`answer(prompt, body)` with `pass_body=True`, for replies that
+depend on the model or sampling parameters). Faults are scripted per prompt: `fail[prompt] = n`
+answers the first n requests for that prompt with HTTP 500, `stall[prompt] = n` stalls the
+first n past the client's timeout; `down_after = n` answers 503 to everything after n good
+replies. It counts requests, keeps each request body, and the most requests it had in flight
+at once.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ class _Server(ThreadingHTTPServer):
 
 
 class JudgeServer:
-    def __init__(self, answer: Callable[[str], str], delay_s: float = 0.0):
+    def __init__(
+        self, answer: Callable[..., str], delay_s: float = 0.0, *, pass_body: bool = False
+    ):
         self.answer = answer
+        self.pass_body = pass_body
+        self.bodies: list[dict] = []
         self.delay_s = delay_s
         self.fail: Counter[str] = Counter()
         self.stall: Counter[str] = Counter()
@@ -71,6 +77,7 @@ class JudgeServer:
         with self._lock:
             self.requests += 1
             self.prompts.append(prompt)
+            self.bodies.append(body)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             down = self.down_after is not None and self.good >= self.down_after
@@ -91,7 +98,7 @@ class JudgeServer:
                 return 500, "scripted failure"
             with self._lock:
                 self.good += 1
-            return 200, self.answer(prompt)
+            return 200, self.answer(prompt, body) if self.pass_body else self.answer(prompt)
         finally:
             with self._lock:
                 self.in_flight -= 1

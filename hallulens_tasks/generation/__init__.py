@@ -1,6 +1,9 @@
 """`hallulens generate` (HalluLens step 0): source data and prompt-set builders.
 
 `download` fetches upstream files into a resumable, checksum-aware cache; `sources` reads each
-source in its upstream format; `mixed_entities` builds the MixedEntities names. Nothing here
-imports an engine: generating a prompt set must not need a GPU.
+source in its upstream format; `mixed_entities` builds the MixedEntities names; `wiki` the
+PreciseWikiQA and LongWiki questions (with `sections`), `generated_entities` the
+GeneratedEntities names, both through `llm` (the judge's backends and cache); `writer` writes
+prompts.jsonl + manifest.json; `cli` is the command. Nothing here imports an engine until a
+generator call misses the cache: generating a prompt set needs no GPU.
 """

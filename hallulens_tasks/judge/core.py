@@ -3,7 +3,8 @@
 Items are rendered from jinja templates, looked up in the cache, and only what is missing goes
 to the judge backend, in one batch. Replies that do not parse are asked again (a bounded number
 of times, only where the backend can answer differently) and otherwise stay unparseable: the
-caller counts them, nothing turns them into a verdict.
+caller counts them, nothing turns them into a verdict. The cached, batched calls themselves
+(`CachedLLM`) also serve the question generators of `hallulens generate`.
 """
 
 from __future__ import annotations
@@ -47,22 +48,35 @@ class PassStats:
     templates: dict[str, str] = field(default_factory=dict)
 
 
-class Judge:
-    def __init__(self, settings: JudgeSettings):
+class CachedLLM:
+    """Replies to rendered prompts: from the cache where present, the rest in one backend batch.
+
+    Shared by the judge and by `hallulens generate`: both need every LLM call cached on disk
+    (an interrupted pass resumes with only what is missing) and batched. The backend is made
+    (an engine loaded) only when something is not in the cache. Counts go to `stats`.
+    """
+
+    def __init__(self, settings: JudgeSettings, stats: PassStats, label: str = "Judging"):
         self.settings = settings
+        self.stats = stats
+        self.label = label
         self._cache = JudgeCache(settings.cache_path) if settings.cache_path else None
-        self.stats = PassStats()
 
     @property
     def name(self) -> str:
         return str(self.settings.spec)
 
-    def _ask(self, items: Sequence[JudgeItem], prompts: Sequence[str], keys: Sequence[str]):
-        """Replies for prompts (deduplicated by key), from the cache or the backend.
-
-        The backend is made (an engine loaded) only when something is not in the cache.
-        """
-        unique = dict(zip(keys, zip(prompts, items, strict=True), strict=True))
+    def ask(
+        self,
+        prompts: Sequence[str],
+        keys: Sequence[str],
+        templates: Sequence[str],
+        sampling: dict,
+        choices: Sequence[tuple[str, ...] | None] | None = None,
+    ) -> list[str]:
+        """One reply per prompt; prompts with the same key are asked once."""
+        choices = choices if choices is not None else [None] * len(prompts)
+        unique = dict(zip(keys, zip(prompts, templates, choices, strict=True), strict=True))
         replies = self._cache.get_many(unique) if self._cache is not None else {}
         self.stats.cache_hits += sum(1 for k in keys if k in replies)
         # sorted by text: prompts sharing a template prefix go one after another, so engines
@@ -70,26 +84,42 @@ class Judge:
         missing = sorted((k for k in unique if k not in replies), key=lambda k: unique[k][0])
         if missing:
             self.stats.requests += len(missing)
-            log.info("judge %s: asking %d prompts", self.name, len(missing))
-            progress = tqdm(total=len(missing), desc=f"Judging ({self.name})")
+            log.info("%s %s: asking %d prompts", self.settings.role, self.name, len(missing))
+            progress = tqdm(total=len(missing), desc=f"{self.label} ({self.name})")
 
             def done(i: int, text: str) -> None:
                 key = missing[i]
                 replies[key] = text
                 if self._cache is not None:
-                    self._cache.put(key, self.name, unique[key][1].template, text)
+                    self._cache.put(key, self.name, unique[key][1], text)
                 progress.update()
 
-            constrained = self.settings.constrained
             try:
                 backend_for(self.settings).complete(
                     [unique[k][0] for k in missing],
-                    [unique[k][1].choices if constrained else None for k in missing],
+                    [unique[k][2] for k in missing],
                     done,
+                    sampling,
                 )
             finally:
                 progress.close()
         return [replies[k] for k in keys]
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+class Judge:
+    def __init__(self, settings: JudgeSettings):
+        self.settings = settings
+        self.stats = PassStats()
+        self._llm = CachedLLM(settings, self.stats)
+
+    @property
+    def name(self) -> str:
+        return str(self.settings.spec)
 
     def run(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         prompts = [render(item.template, **item.values) for item in items]
@@ -101,6 +131,7 @@ class Judge:
         # Greedy local engines give the same text again; only a server is worth re-asking.
         varies = self.settings.spec.backend == "openai"
         max_attempts = 1 + (self.settings.parse_retries if varies else 0)
+        sampling = self.settings.sampling
         for attempt in range(max_attempts):
             if not todo:
                 break
@@ -110,12 +141,18 @@ class Judge:
                     items[i].template,
                     versions[items[i].template],
                     prompts[i],
-                    self.settings.sampling,
+                    sampling,
                     attempt,
                 )
                 for i in todo
             ]
-            replies = self._ask([items[i] for i in todo], [prompts[i] for i in todo], keys)
+            replies = self._llm.ask(
+                [prompts[i] for i in todo],
+                keys,
+                [items[i].template for i in todo],
+                sampling,
+                [items[i].choices if self.settings.constrained else None for i in todo],
+            )
             retry = []
             for i, raw in zip(todo, replies, strict=True):
                 verdict = items[i].parse(raw)
@@ -127,6 +164,4 @@ class Judge:
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
+        self._llm.close()

@@ -1,9 +1,10 @@
-"""In-process judges: transformers (the harness's HFLM), llama.cpp and vLLM's offline engine.
+"""In-process LLMs (judges, generators): the harness's HFLM, llama.cpp and vLLM's offline engine.
 
-Each takes the judge prompts as single user turns through the model's own chat template, at
-temperature 0, in chunks, handing replies to `done` chunk by chunk so an interrupted pass keeps
-what it judged. A loaded engine stays loaded for the rest of the process (every task of a run
-shares it). Engines are imported only when such a judge is chosen.
+Each takes the prompts as single user turns through the model's own chat template, in chunks,
+with the sampling parameters of the pass (`temperature`, `max_tokens`, optionally `top_p` and
+`seed`; judges use temperature 0, question generators sample), handing replies to `done` chunk
+by chunk so an interrupted pass keeps what it had. A loaded engine stays loaded for the rest
+of the process (every task of a run shares it). Engines are imported only when one is chosen.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def _typed(value: str) -> object:
 
 
 class HFBackend:
-    """The harness's own HFLM (batched greedy generation); `hf:smollm2` is the embedded model."""
+    """The harness's own HFLM (batched generation); `hf:smollm2` is the embedded model.
+
+    A sampling `seed` seeds torch before each chunk, so sampled replies depend on the chunk
+    they are in (the other engines seed each request).
+    """
 
     def __init__(self, settings: JudgeSettings):
         import torch
@@ -52,14 +57,26 @@ class HFBackend:
         try:
             self._lm = HFLM(pretrained=resolve_pretrained(settings.spec.model), **args)
         except (OSError, ValueError) as exc:
-            raise JudgeError(f"judge {settings.spec}: cannot load the model: {exc}") from None
-        self._max_tokens = settings.max_tokens
+            raise JudgeError(
+                f"{settings.role} {settings.spec}: cannot load the model: {exc}"
+            ) from None
 
-    def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
+    def complete(
+        self, prompts: Sequence[str], choices: Choices, done: Done, sampling: dict
+    ) -> None:
+        import torch
         from lm_eval.api.instance import Instance
 
-        gen_kwargs = {"until": [], "max_gen_toks": self._max_tokens, "do_sample": False}
+        gen_kwargs: dict = {"until": [], "max_gen_toks": sampling["max_tokens"], "do_sample": False}
+        if sampling["temperature"] > 0:
+            gen_kwargs.update(
+                do_sample=True,
+                temperature=sampling["temperature"],
+                top_p=sampling.get("top_p", 1.0),
+            )
         for chunk in _chunks(len(prompts), 64):
+            if sampling.get("seed") is not None:
+                torch.manual_seed(sampling["seed"])
             requests = [
                 Instance(
                     request_type="generate_until",
@@ -86,7 +103,7 @@ class GGUFBackend:
             from llama_cpp import Llama
         except ImportError:
             raise JudgeError(
-                f"judge {settings.spec} needs llama-cpp-python: "
+                f"{settings.role} {settings.spec} needs llama-cpp-python: "
                 "pip install 'lm-eval-hallulens[gguf]'"
             ) from None
         from hallulens_models.embedded import resolve_gguf
@@ -97,8 +114,9 @@ class GGUFBackend:
         try:
             self._llm = Llama(model_path=path, **args)
         except (ValueError, OSError, RuntimeError) as exc:
-            raise JudgeError(f"judge {settings.spec}: cannot load {path}: {exc}") from None
-        self._max_tokens = settings.max_tokens
+            raise JudgeError(
+                f"{settings.role} {settings.spec}: cannot load {path}: {exc}"
+            ) from None
         self._grammars: dict[tuple[str, ...], object] = {}
 
     def _grammar(self, choices: tuple[str, ...]):
@@ -109,12 +127,16 @@ class GGUFBackend:
             self._grammars[choices] = LlamaGrammar.from_string(f"root ::= {rule}", verbose=False)
         return self._grammars[choices]
 
-    def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
+    def complete(
+        self, prompts: Sequence[str], choices: Choices, done: Done, sampling: dict
+    ) -> None:
         for i, prompt in enumerate(prompts):
             reply = self._llm.create_chat_completion(
                 messages=_user_turn(prompt),
-                temperature=0.0,
-                max_tokens=self._max_tokens,
+                temperature=sampling["temperature"],
+                top_p=sampling.get("top_p", 1.0),
+                seed=sampling.get("seed"),
+                max_tokens=sampling["max_tokens"],
                 grammar=self._grammar(choices[i]) if choices[i] else None,
             )
             done(i, reply["choices"][0]["message"]["content"] or "")
@@ -132,31 +154,36 @@ class VLLMBackend:
             from vllm import LLM, SamplingParams
         except ImportError:
             raise JudgeError(
-                f"judge {settings.spec} needs vLLM: pip install 'lm-eval-hallulens[vllm]'"
+                f"{settings.role} {settings.spec} needs vLLM: pip install 'lm-eval-hallulens[vllm]'"
             ) from None
         from hallulens_models.embedded import resolve_pretrained
 
         args = {k: _typed(v) for k, v in settings.model_args.items()}
         self._llm = LLM(model=resolve_pretrained(settings.spec.model), **args)
         self._params = SamplingParams
-        self._max_tokens = settings.max_tokens
 
-    def _sampling(self, choices: tuple[str, ...] | None):
+    def _sampling(self, choices: tuple[str, ...] | None, sampling: dict):
+        params = {
+            "temperature": sampling["temperature"],
+            "top_p": sampling.get("top_p", 1.0),
+            "seed": sampling.get("seed"),
+            "max_tokens": sampling["max_tokens"],
+        }
         if not choices:
-            return self._params(temperature=0.0, max_tokens=self._max_tokens)
+            return self._params(**params)
         from vllm.sampling_params import StructuredOutputsParams
 
         return self._params(
-            temperature=0.0,
-            max_tokens=self._max_tokens,
-            structured_outputs=StructuredOutputsParams(choice=list(choices)),
+            **params, structured_outputs=StructuredOutputsParams(choice=list(choices))
         )
 
-    def complete(self, prompts: Sequence[str], choices: Choices, done: Done) -> None:
+    def complete(
+        self, prompts: Sequence[str], choices: Choices, done: Done, sampling: dict
+    ) -> None:
         for chunk in _chunks(len(prompts), 1024):
             outputs = self._llm.chat(
                 [_user_turn(prompts[i]) for i in chunk],
-                [self._sampling(choices[i]) for i in chunk],
+                [self._sampling(choices[i], sampling) for i in chunk],
                 use_tqdm=False,
             )
             for i, output in zip(chunk, outputs, strict=True):
@@ -175,6 +202,6 @@ def backend_for(settings: JudgeSettings):
     key = (settings.spec, tuple(sorted(settings.model_args.items())))
     if key not in _LOADED:
         engine = {"hf": HFBackend, "gguf": GGUFBackend, "vllm": VLLMBackend}[settings.spec.backend]
-        log.info("loading judge %s", settings.spec)
+        log.info("loading %s %s", settings.role, settings.spec)
         _LOADED[key] = engine(settings)
     return _LOADED[key]

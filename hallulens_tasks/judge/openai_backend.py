@@ -1,4 +1,6 @@
-"""Judge over any OpenAI-compatible chat completions server (`vllm serve`, llama.cpp server, ...).
+"""LLM calls (judge or generator) over any OpenAI-compatible chat completions server.
+
+`vllm serve`, llama.cpp's server, hosted APIs.
 
 Requests run concurrently from a thread pool, each thread keeping one keep-alive connection.
 Connection errors, timeouts, 429 and 5xx replies are retried with exponential backoff; other
@@ -16,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
 from hallulens_tasks.judge.settings import JudgeError, JudgeSettings
@@ -38,7 +40,9 @@ class OpenAIBackend:
         self.settings = settings
         url = urlsplit(settings.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise JudgeError(f"judge base URL {settings.base_url!r} is not an http(s) URL")
+            raise JudgeError(
+                f"{settings.role} base URL {settings.base_url!r} is not an http(s) URL"
+            )
         self._scheme = url.scheme
         self._host = url.hostname
         self._port = url.port
@@ -66,12 +70,12 @@ class OpenAIBackend:
             conn.close()
             self._local.conn = None
 
-    def _request(self, prompt: str) -> str:
+    def _request(self, prompt: str, sampling: dict) -> str:
         body = json.dumps(
             {
                 "model": self.model,
                 "messages": [{"role": "user", "content": prompt}],
-                **self.settings.sampling,
+                **{k: v for k, v in sampling.items() if v is not None},
             }
         )
         conn = self._connection()
@@ -91,7 +95,8 @@ class OpenAIBackend:
             raise _Retry(f"HTTP {reply.status}", wait_s)
         if reply.status != 200:
             raise JudgeError(
-                f"judge openai:{self.model} at {self.settings.base_url}: HTTP {reply.status}: "
+                f"{self.settings.role} openai:{self.model} at {self.settings.base_url}: "
+                f"HTTP {reply.status}: "
                 f"{data[:300].decode('utf-8', 'replace').strip()}"
             )
         try:
@@ -100,22 +105,23 @@ class OpenAIBackend:
             raise _Retry("reply is not a chat completion") from exc
         return content or ""
 
-    def ask(self, prompt: str) -> str:
+    def ask(self, prompt: str, sampling: dict) -> str:
         """One prompt, retried with backoff; JudgeError once the retries are used up."""
         attempts = self.settings.retries + 1
+        role = self.settings.role
         for attempt in range(attempts):
             try:
-                return self._request(prompt)
+                return self._request(prompt, sampling)
             except _Retry as retry:
                 if attempt + 1 == attempts:
                     raise JudgeError(
-                        f"judge openai:{self.model} at {self.settings.base_url}: {retry} "
-                        f"(after {attempts} attempts); judged items are cached, re-run to resume"
+                        f"{role} openai:{self.model} at {self.settings.base_url}: {retry} "
+                        f"(after {attempts} attempts); replies so far are cached, re-run to resume"
                     ) from None
                 wait_s = retry.wait_s
                 if wait_s is None:
                     wait_s = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
-                log.warning("judge request failed (%s); retrying in %.1f s", retry, wait_s)
+                log.warning("%s request failed (%s); retrying in %.1f s", role, retry, wait_s)
                 time.sleep(wait_s)
         raise AssertionError("unreachable")
 
@@ -124,14 +130,21 @@ class OpenAIBackend:
         prompts: Sequence[str],
         choices: Sequence[tuple[str, ...] | None],
         done: Callable[[int, str], None],
+        sampling: dict,
     ) -> None:
-        """Ask every prompt; on a failure, keep what is answered (done) and then raise it."""
+        """Ask every prompt, each reply to `done` as it arrives; on a failure, keep what is
+        answered and then raise it.
+
+        `sampling` goes into each request body as is (temperature, max_tokens, top_p, seed).
+        """
         failure: BaseException | None = None
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
-            futures = {pool.submit(self.ask, prompt): i for i, prompt in enumerate(prompts)}
+            futures = {
+                pool.submit(self.ask, prompt, sampling): i for i, prompt in enumerate(prompts)
+            }
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     if future.cancelled():
                         continue

@@ -94,6 +94,11 @@ def default_cache_path() -> Path:
 
 @dataclass(frozen=True)
 class JudgeSettings:
+    """How to reach an LLM and how to ask it; `hallulens generate` uses it for its generators.
+
+    `role` ("judge", "generator") names the LLM in messages.
+    """
+
     spec: JudgeSpec
     base_url: str = DEFAULT_BASE_URL
     api_key: str | None = None
@@ -105,6 +110,7 @@ class JudgeSettings:
     cache_path: Path | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     constrained: bool = False
+    role: str = "judge"
 
     @property
     def sampling(self) -> dict:
