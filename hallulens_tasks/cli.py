@@ -11,6 +11,7 @@ from pathlib import Path
 from hallulens_capture import cli as activations_cli
 from hallulens_capture.errors import HalluLensError
 from hallulens_models import cli as models_cli
+from hallulens_tasks import pipeline
 from hallulens_tasks.generation import cli as generate_cli
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_label)
     models_cli.register(subparsers)
     generate_cli.register(subparsers)
+    pipeline.register(subparsers)
     p = subparsers.add_parser(
         "judge", help="judge HalluLens samples of a --predict_only --log_samples run"
     )
