@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -21,6 +22,7 @@ from hallulens_capture.errors import HalluLensError
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM per in-process engine
 
 TEST_TASKS = ROOT / "tests" / "tasks"
 ENGINE = "dtype=float32,gpu_memory_utilization=0.2,enforce_eager=True,max_model_len=128"
@@ -215,3 +217,29 @@ def test_tensor_parallel_first_rank_keeps_the_rows(tmp_path, reference_model, mo
         assert len(store) == 3
         assert sorted(store[k].response for k in store) == sorted(texts)
         check_against_hf(store, reference_model, "hallulens-vllm (tensor parallel 3)")
+
+
+def test_capture_works_with_torch_compile(tmp_path, reference_model):
+    """The aux outputs are part of the compiled graph (forward hooks would silently not fire)."""
+    from hallulens_models.vllm import HalluLensVLLM
+
+    path = tmp_path / "compiled.lmdb"
+    lm = HalluLensVLLM(
+        pretrained="smollm2",
+        activations=str(path),
+        capture_tokens="all",
+        capture_dtype="float32",
+        dtype="float32",
+        gpu_memory_utilization=0.2,
+        enforce_eager=False,
+        max_model_len=256,
+        batch_size=4,
+    )
+    try:
+        texts = generate(lm, ["The capital of France is", "Count: 1, 2, 3,", "Name a fruit."], 12)
+    finally:
+        lm.model.llm_engine.engine_core.shutdown()
+    with open_store(path) as store:
+        assert len(store) == 3
+        assert sorted(store[k].response for k in store) == sorted(texts)
+        check_against_hf(store, reference_model, "hallulens-vllm (torch.compile)")
