@@ -55,6 +55,8 @@ class LayerRows:
 
     def take(self, aux: list[torch.Tensor]) -> None:
         """Keep this step's rows of tagged requests (called right after the model's forward)."""
+        if len(aux) != self._layers:
+            raise CaptureError(f"the model returned {len(aux)} aux layers, expected {self._layers}")
         runner = self._runner
         batch = runner.input_batch
         n = batch.num_reqs
@@ -76,9 +78,7 @@ class LayerRows:
         if not picks:
             return
         index = np.concatenate([np.arange(row, row + k) for _, _, row, k in picks])
-        index_t = torch.from_numpy(index).to(aux[0].device, non_blocking=True)
-        if len(aux) != self._layers:
-            raise CaptureError(f"the model returned {len(aux)} aux layers, expected {self._layers}")
+        index_t = torch.from_numpy(index).to(aux[0].device)
         rows = torch.stack([h.index_select(0, index_t) for h in aux]).to(self._dtype)
         if self._pinned:
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
