@@ -24,10 +24,9 @@ from hallulens_capture.errors import CaptureConfigError, ModelFilesError
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import storage_from_float32
 from hallulens_capture.session import CapturedSample, CaptureSession
-from hallulens_capture.spec import CaptureSpec
 from hallulens_models.chat_template import ChatTemplate
 from hallulens_models.embedded import resolve_gguf
-from hallulens_models.harness import CaptureMixin, join_harness_cli
+from hallulens_models.harness import CaptureMixin
 
 
 @contextlib.contextmanager
@@ -378,17 +377,9 @@ class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
     def __init__(
         self,
         pretrained: str = "smollm2",
-        activations: str | None = None,
-        capture_layers: object = None,
-        capture_tokens: str | None = None,
-        capture_dtype: str | None = None,
-        map_size_gb: float | None = None,
         **kwargs,
     ) -> None:
-        join_harness_cli()
-        spec = CaptureSpec.from_model_args(
-            activations, capture_layers, capture_tokens, capture_dtype, map_size_gb
-        )
+        spec = self._capture_spec(kwargs)
         if spec is not None:
             from hallulens_models.llama_tap import GraphTap
 

@@ -15,6 +15,10 @@ from collections import defaultdict, deque
 
 from hallulens_capture.errors import CaptureError, HalluLensError
 from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest, canonical_json
+from hallulens_capture.spec import CaptureSpec
+
+# model_args every hallulens-* backend takes, in CaptureSpec.from_model_args order
+CAPTURE_ARGS = ("activations", "capture_layers", "capture_tokens", "capture_dtype", "map_size_gb")
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,13 @@ class CaptureMixin:
 
     _capture: CaptureSession | None = None
     _router: _OutputRouter | None = None
+
+    @staticmethod
+    def _capture_spec(kwargs: dict) -> CaptureSpec | None:
+        """Take the capture model_args (DESIGN.md) out of `kwargs`, checked before any weights
+        load; None when capture is off. Also joins our logs and errors to the harness CLI's."""
+        join_harness_cli()
+        return CaptureSpec.from_model_args(*(kwargs.pop(name, None) for name in CAPTURE_ARGS))
 
     def _start_capture(self, session: CaptureSession) -> None:
         self._capture = session

@@ -16,9 +16,8 @@ from lm_eval.models.huggingface import HFLM
 from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession
-from hallulens_capture.spec import CaptureSpec
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.harness import CaptureMixin, join_harness_cli
+from hallulens_models.harness import CaptureMixin
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
 from hallulens_models.model_config import text_config
 
@@ -28,17 +27,9 @@ class HalluLensHFLM(CaptureMixin, HFLM):
     def __init__(
         self,
         pretrained: str | transformers.PreTrainedModel = "gpt2",
-        activations: str | None = None,
-        capture_layers: object = None,
-        capture_tokens: str | None = None,
-        capture_dtype: str | None = None,
-        map_size_gb: float | None = None,
         **kwargs,
     ) -> None:
-        join_harness_cli()
-        spec = CaptureSpec.from_model_args(
-            activations, capture_layers, capture_tokens, capture_dtype, map_size_gb
-        )
+        spec = self._capture_spec(kwargs)
         model_name = pretrained if isinstance(pretrained, str) else pretrained.name_or_path
         if isinstance(pretrained, str):
             pretrained = resolve_pretrained(pretrained)

@@ -22,10 +22,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.vllm_causallms import VLLM
 
 from hallulens_capture.session import CaptureSession
-from hallulens_capture.spec import CaptureSpec
 from hallulens_models import vllm_capture as capture
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.harness import CaptureMixin, join_harness_cli
+from hallulens_models.harness import CaptureMixin
 from hallulens_models.model_config import text_config
 
 log = logging.getLogger(__name__)
@@ -36,17 +35,9 @@ class HalluLensVLLM(CaptureMixin, VLLM):
     def __init__(
         self,
         pretrained: str = "smollm2",
-        activations: str | None = None,
-        capture_layers: object = None,
-        capture_tokens: str | None = None,
-        capture_dtype: str | None = None,
-        map_size_gb: float | None = None,
         **kwargs,
     ) -> None:
-        join_harness_cli()
-        spec = CaptureSpec.from_model_args(
-            activations, capture_layers, capture_tokens, capture_dtype, map_size_gb
-        )
+        spec = self._capture_spec(kwargs)
         model_name, pretrained = pretrained, resolve_pretrained(pretrained)
         layer_ids: list[int] = []
         if spec is not None:
