@@ -190,13 +190,11 @@ def test_bad_model_args_fail_before_the_engine_starts(args, message):
         HalluLensVLLM(**{"pretrained": "smollm2", "activations": "x.lmdb", **args})
 
 
-def test_tensor_parallel_first_rank_keeps_the_rows(tmp_path, reference_model, monkeypatch):
-    """SmolLM2's 9 heads split over 3 CPU ranks; only the first keeps rows, one record each."""
+def three_prompts_match_hf(tmp_path, reference_model, name: str, **engine) -> None:
+    """Three short generations on a fresh engine; every record matches the HF pass."""
     from hallulens_models.vllm import HalluLensVLLM
 
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")  # 3 ranks on a 2-core machine
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    path = tmp_path / "tp.lmdb"
+    path = tmp_path / "acts.lmdb"
     lm = HalluLensVLLM(
         pretrained="smollm2",
         activations=str(path),
@@ -204,42 +202,34 @@ def test_tensor_parallel_first_rank_keeps_the_rows(tmp_path, reference_model, mo
         capture_dtype="float32",
         dtype="float32",
         gpu_memory_utilization=0.2,
-        enforce_eager=True,
         max_model_len=256,
-        tensor_parallel_size=3,
         batch_size=4,
+        **engine,
     )
     try:
         texts = generate(lm, ["The capital of France is", "Count: 1, 2, 3,", "Name a fruit."], 12)
     finally:
         lm.model.llm_engine.engine_core.shutdown()
     with open_store(path) as store:
-        assert len(store) == 3
+        assert len(store) == 3  # one record per request, whatever the number of workers
         assert sorted(store[k].response for k in store) == sorted(texts)
-        check_against_hf(store, reference_model, "hallulens-vllm (tensor parallel 3)")
+        check_against_hf(store, reference_model, name)
+
+
+def test_tensor_parallel_first_rank_keeps_the_rows(tmp_path, reference_model, monkeypatch):
+    """SmolLM2's 9 heads split over 3 CPU ranks; only the first keeps rows."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1|0")  # 3 ranks on a 2-core machine
+    three_prompts_match_hf(
+        tmp_path,
+        reference_model,
+        "hallulens-vllm (tensor parallel 3)",
+        tensor_parallel_size=3,
+        enforce_eager=True,
+    )
 
 
 def test_capture_works_with_torch_compile(tmp_path, reference_model):
     """The aux outputs are part of the compiled graph (forward hooks would silently not fire)."""
-    from hallulens_models.vllm import HalluLensVLLM
-
-    path = tmp_path / "compiled.lmdb"
-    lm = HalluLensVLLM(
-        pretrained="smollm2",
-        activations=str(path),
-        capture_tokens="all",
-        capture_dtype="float32",
-        dtype="float32",
-        gpu_memory_utilization=0.2,
-        enforce_eager=False,
-        max_model_len=256,
-        batch_size=4,
+    three_prompts_match_hf(
+        tmp_path, reference_model, "hallulens-vllm (torch.compile)", enforce_eager=False
     )
-    try:
-        texts = generate(lm, ["The capital of France is", "Count: 1, 2, 3,", "Name a fruit."], 12)
-    finally:
-        lm.model.llm_engine.engine_core.shutdown()
-    with open_store(path) as store:
-        assert len(store) == 3
-        assert sorted(store[k].response for k in store) == sorted(texts)
-        check_against_hf(store, reference_model, "hallulens-vllm (torch.compile)")
