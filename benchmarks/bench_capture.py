@@ -16,7 +16,7 @@ from functools import partial
 from common import save, side_by_side, table
 from lm_eval.api.instance import Instance
 
-from hallulens_models.hf import HalluLensHFLM
+from hallulens_models.hf_lm import HalluLensHFLM
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

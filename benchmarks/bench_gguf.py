@@ -17,7 +17,7 @@ from llama_cpp import Llama
 from lm_eval.api.instance import Instance
 
 from hallulens_models.embedded import smollm2_gguf
-from hallulens_models.gguf import HalluLensGGUFLM
+from hallulens_models.gguf_lm import HalluLensGGUFLM
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from common import save, side_by_side, table
 from lm_eval.api.instance import Instance
 
-from hallulens_models.vllm import HalluLensVLLM
+from hallulens_models.vllm_lm import HalluLensVLLM
 
 ENGINE = {"gpu_memory_utilization": 0.2, "enforce_eager": True, "max_model_len": 1024}
 TOPICS = [

@@ -24,6 +24,23 @@ def token_positions(scope: str, n_prompt: int, n_generated: int) -> np.ndarray:
     raise ValueError(f"unknown token scope {scope!r}")
 
 
+def _holds_stop(text: str, stop: Sequence[str]) -> bool:
+    return any(s in text for s in stop if s)
+
+
+def ends_response(
+    tokens: Sequence[int],
+    eos_ids: Collection[int],
+    stop: Sequence[str],
+    decode: Callable[[Sequence[int]], str],
+) -> bool:
+    """Whether the response is complete with its last token (see `response_length`); an engine
+    that decodes token by token asks this after each one."""
+    if not tokens:
+        return False
+    return tokens[-1] in eos_ids or (any(stop) and _holds_stop(decode(tokens), stop))
+
+
 def response_length(
     tokens: Sequence[int],
     eos_ids: Collection[int],
@@ -38,18 +55,12 @@ def response_length(
     the batch a prompt ran in.
     """
     end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-    stop = [s for s in stop if s]
-
-    def stops_within(k: int) -> bool:
-        text = decode(tokens[:k])
-        return any(s in text for s in stop)
-
-    if not stop or not stops_within(end):
+    if not any(stop) or not _holds_stop(decode(tokens[:end]), stop):
         return end
     lo, hi = 1, end  # smallest k whose text holds a stop string
     while lo < hi:
         mid = (lo + hi) // 2
-        if stops_within(mid):
+        if _holds_stop(decode(tokens[:mid]), stop):
             hi = mid
         else:
             lo = mid + 1

@@ -15,10 +15,9 @@ def cmd_path(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="embedded model files")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("path", help="print the local path of an embedded model")
+def register(models: argparse._SubParsersAction) -> None:
+    """`hallulens models path`."""
+    p = models.add_parser("path", help="print the local path of an embedded model")
     p.add_argument("name", help=f"embedded model name ({SMOLLM2})")
     p.add_argument(
         "--format",

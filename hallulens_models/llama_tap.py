@@ -12,6 +12,7 @@ they need the last layer of every prompt token.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from llama_cpp import llama_cpp as llama_lib
@@ -80,3 +81,41 @@ class GraphTap:
                 )
             layers.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
         return np.stack(layers)
+
+
+class TapObserver:
+    """A `llama_cpp_lm.DecodeObserver` that keeps the tapped rows of each sequence for the
+    token scope asked (`prompt`, `generated`, `all`) and hands a finished generation's rows,
+    [n_layers, n_tokens, n_embd] float32, to `sink(context, prompt, generated, rows)`."""
+
+    def __init__(self, layer_ids, n_layer: int, n_embd: int, scope: str, sink: Callable):
+        self._tap = GraphTap(layer_ids, n_embd)
+        self._parts = {"prompt": ("prompt",), "generated": ("generated",)}.get(
+            scope, ("prompt", "generated")
+        )
+        self._sink = sink
+        self._empty = np.empty((len(layer_ids), 0, n_embd), dtype=np.float32)
+        self._rows: dict[int, list[np.ndarray]] = {}
+        self.eval_callback = self._tap.callback
+        # llama.cpp computes its last layer only for tokens whose logits are requested
+        self.all_prompt_logits = "prompt" in self._parts and n_layer in layer_ids
+
+    def feeding(self, part: str | None) -> None:
+        self._tap.active = part in self._parts
+
+    def fed(self, part: str | None, seqs: Sequence[int]) -> None:
+        if part == "prompt":  # a prompt starts its sequence afresh
+            self._rows[seqs[0]] = []
+        if part not in self._parts:
+            return
+        rows = self._tap.take(len(seqs))
+        start = 0
+        for end in range(1, len(seqs) + 1):  # runs of tokens of one sequence
+            if end == len(seqs) or seqs[end] != seqs[start]:
+                self._rows[seqs[start]].append(rows[:, start:end])
+                start = end
+
+    def finished(self, seq: int, context: str, prompt: list[int], generated: list[int]) -> None:
+        parts = self._rows.pop(seq, [])
+        rows = np.concatenate(parts, axis=1) if parts else self._empty
+        self._sink(context, prompt, generated, rows)

@@ -17,9 +17,9 @@ import importlib.util
 from types import ModuleType
 
 MODELS = {
-    "hallulens-hf": "hallulens_models.hf:HalluLensHFLM",
-    "hallulens-gguf": "hallulens_models.gguf:HalluLensGGUFLM",
-    "hallulens-vllm": "hallulens_models.vllm:HalluLensVLLM",
+    "hallulens-hf": "hallulens_models.hf_lm:HalluLensHFLM",
+    "hallulens-gguf": "hallulens_models.gguf_lm:HalluLensGGUFLM",
+    "hallulens-vllm": "hallulens_models.vllm_lm:HalluLensVLLM",
 }
 
 

@@ -15,7 +15,7 @@ from reference import compare_record
 
 from hallulens_capture import open_store
 from hallulens_capture.report import verify
-from hallulens_models.gguf import HalluLensGGUFLM
+from hallulens_models.gguf_lm import HalluLensGGUFLM
 
 # Measured: every (layer, token) row of a right capture has cosine >= 0.9967 to the fp32 HF pass
 # (llama.cpp's quantized dot products differ from fp32 math); a layer off by one has rows

@@ -9,7 +9,7 @@ from reference import compare_record
 
 from hallulens_capture import open_store, record_key
 from hallulens_capture.errors import CaptureConfigError, StoreError
-from hallulens_models.hf import HalluLensHFLM
+from hallulens_models.hf_lm import HalluLensHFLM
 
 PROMPTS = [
     "The capital of France is",

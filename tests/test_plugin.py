@@ -104,13 +104,13 @@ def test_wheel_ships_hook_tasks_prompts_and_entry_points(wheel):
         "hallulens_tasks/demo/hallulens_demo.yaml",
         "hallulens_tasks/demo/demo_questions.jsonl",
         "hallulens_capture/store.py",
-        "hallulens_models/hf.py",
+        "hallulens_models/hf_lm.py",
         "lm_eval_hallulens_hook.py",
     ):
         assert name in names
     assert (
-        "[lm_eval.models]\nhallulens-gguf = hallulens_models.gguf:HalluLensGGUFLM\n"
-        "hallulens-hf = hallulens_models.hf:HalluLensHFLM" in text
+        "[lm_eval.models]\nhallulens-gguf = hallulens_models.gguf_lm:HalluLensGGUFLM\n"
+        "hallulens-hf = hallulens_models.hf_lm:HalluLensHFLM" in text
     )
     assert "[lm_eval.tasks]\nhallulens = hallulens_tasks" in text
 

@@ -113,7 +113,7 @@ def test_stock_cli_capture_matches_hf_and_lines_up_with_hallulens_hf(tmp_path, r
 @pytest.fixture(scope="module")
 def preempting_lm(tmp_path_factory):
     """An engine too small for its batch: 5 KV blocks of 32 tokens for 6 long generations."""
-    from hallulens_models.vllm import HalluLensVLLM
+    from hallulens_models.vllm_lm import HalluLensVLLM
 
     path = tmp_path_factory.mktemp("vllm") / "acts.lmdb"
     lm = HalluLensVLLM(
@@ -184,7 +184,7 @@ def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, 
     ],
 )
 def test_bad_model_args_fail_before_the_engine_starts(args, message):
-    from hallulens_models.vllm import HalluLensVLLM
+    from hallulens_models.vllm_lm import HalluLensVLLM
 
     with pytest.raises(HalluLensError, match=re.escape(message)):
         HalluLensVLLM(**{"pretrained": "smollm2", "activations": "x.lmdb", **args})
@@ -192,7 +192,7 @@ def test_bad_model_args_fail_before_the_engine_starts(args, message):
 
 def three_prompts_match_hf(tmp_path, reference_model, name: str, **engine) -> None:
     """Three short generations on a fresh engine; every record matches the HF pass."""
-    from hallulens_models.vllm import HalluLensVLLM
+    from hallulens_models.vllm_lm import HalluLensVLLM
 
     path = tmp_path / "acts.lmdb"
     lm = HalluLensVLLM(

@@ -1,32 +1,50 @@
-"""`hallulens-gguf`: a harness LM on llama-cpp-python, in process, with activation capture.
+"""A harness LM on llama-cpp-python, in process (the base of `hallulens-gguf`).
 
 The harness's own `gguf` model is an HTTP client without chat templates; this one loads the GGUF
 with llama-cpp-python and implements generation (greedy or sampled, `until`, `max_gen_toks`),
 `loglikelihood`, `loglikelihood_rolling` and the GGUF's own chat template. Decoding goes
 through llama.cpp's batch API directly (the high-level `Llama` sampler cannot hand us the
 logits of every position); `batch_size` sequences decode together, one llama.cpp sequence each.
-Capture: `llama_tap.GraphTap` on `cb_eval`.
+An optional `DecodeObserver` is told about every decode call and every finished generation;
+activation capture is one (see `llama_tap`), this module knows nothing of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from hallulens_capture.errors import CaptureConfigError, ModelFilesError
-from hallulens_capture.positions import token_positions
-from hallulens_capture.record import storage_from_float32
-from hallulens_capture.session import CapturedSample, CaptureSession
+from hallulens_capture.options import checked_number
+from hallulens_capture.positions import ends_response
 from hallulens_models.chat_template import ChatTemplate
 from hallulens_models.embedded import resolve_gguf
-from hallulens_models.harness import CaptureMixin
+
+PROMPT, GENERATED = "prompt", "generated"  # what a decode call feeds (None: scoring)
+
+
+class DecodeObserver(Protocol):
+    """Watches LlamaCppLM decode. `feeding`/`fed` wrap every llama.cpp decode call with what it
+    feeds: PROMPT (one sequence's prompt, which starts that sequence afresh), GENERATED (the last
+    token of each active sequence) or None (loglikelihood scoring). `finished` hands over each
+    generation once it is complete, in sequence order."""
+
+    eval_callback: Any  # llama.cpp's `cb_eval` for the context, or None
+    all_prompt_logits: bool  # ask the logits of every prompt token (llama.cpp then computes
+    # its last layer for all of them; otherwise only for the last prompt token)
+
+    def feeding(self, part: str | None) -> None: ...
+
+    def fed(self, part: str | None, seqs: Sequence[int]) -> None: ...
+
+    def finished(self, seq: int, context: str, prompt: list[int], generated: list[int]) -> None: ...
 
 
 @contextlib.contextmanager
@@ -61,8 +79,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class LlamaCppLM(TemplateLM):
     """The harness LM over llama-cpp-python; `HalluLensGGUFLM` adds capture on top."""
 
-    _tap = None  # a GraphTap when capturing
-
     def __init__(
         self,
         pretrained: str = "smollm2",
@@ -73,9 +89,11 @@ class LlamaCppLM(TemplateLM):
         seed: int = 1234,
         max_gen_toks: int = 256,
         batch_size: object = 1,
+        observer: DecodeObserver | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
+        self._observer = observer
         kwargs.pop("device", None)  # the harness passes it; llama.cpp uses n_gpu_layers
         kwargs.pop("max_batch_size", None)
         from llama_cpp import Llama
@@ -86,7 +104,7 @@ class LlamaCppLM(TemplateLM):
         self._n_ctx = _int("n_ctx", n_ctx, 16)  # per sequence
         seed = _int("seed", seed, 0)
         try:
-            with _context_params(self._tap.callback if self._tap else None, self._n_seq):
+            with _context_params(observer.eval_callback if observer else None, self._n_seq):
                 self._llm = Llama(
                     model_path=path,
                     n_ctx=self._n_ctx * self._n_seq,  # one shared KV cache for the batch
@@ -156,10 +174,12 @@ class LlamaCppLM(TemplateLM):
 
     # --- decoding ----------------------------------------------------------------------
     def _feed(
-        self, tokens: list[int], positions, seqs: list[int], outputs: list[bool]
+        self, tokens: list[int], positions, seqs: list[int], outputs: list[bool], part: str | None
     ) -> np.ndarray:
         """Decode `tokens` (at `positions` of sequences `seqs`), n_batch at a time; returns the
         logits rows of the tokens flagged in `outputs`, in order."""
+        if self._observer is not None:
+            self._observer.feeding(part)
         llm = self._llm
         batch = llm._batch.batch
         rows = []
@@ -177,13 +197,17 @@ class LlamaCppLM(TemplateLM):
             if n_out:
                 logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, self._n_vocab))
                 rows.append(logits.copy())
+        if self._observer is not None:
+            self._observer.fed(part, seqs)
         return np.concatenate(rows) if rows else np.empty((0, self._n_vocab), np.float32)
 
-    def _prefill(self, seq: int, tokens: list[int], all_logits: bool) -> np.ndarray:
+    def _prefill(
+        self, seq: int, tokens: list[int], all_logits: bool, part: str | None
+    ) -> np.ndarray:
         """Start sequence `seq` afresh with `tokens`; logits of every token or only the last."""
         self._llm._ctx.kv_cache_seq_rm(seq, 0, -1)
         outputs = [all_logits] * (len(tokens) - 1) + [True]
-        return self._feed(tokens, range(len(tokens)), [seq] * len(tokens), outputs)
+        return self._feed(tokens, range(len(tokens)), [seq] * len(tokens), outputs, part)
 
     def _next_token(self, logits: np.ndarray, gen_kwargs: dict) -> int:
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
@@ -200,13 +224,6 @@ class LlamaCppLM(TemplateLM):
             probs[order[~keep]] = 0
         return int(self._rng.choice(len(probs), p=probs / probs.sum()))
 
-    def _capture_scope(self) -> str | None:
-        """Token scope being captured in this generation (None: no capture)."""
-        return None
-
-    def _captured_rows(self, context: str, prompt: list[int], generated: list[int], rows) -> None:
-        """Receives the captured rows of one generation (see HalluLensGGUFLM)."""
-
     def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
         """Generate for several prompts with the same settings, decoded together (one llama.cpp
         sequence each); a sequence leaves the batch at EOS, a stop string or its token limit."""
@@ -215,63 +232,41 @@ class LlamaCppLM(TemplateLM):
         until = [s for s in ([until] if isinstance(until, str) else until) if s]
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         prompts = [self.tok_encode(c)[-max(1, self.max_length - max_new) :] for c in contexts]
-        scope, tap = self._capture_scope(), self._tap
-        keep_prompt, keep_decode = scope in ("prompt", "all"), scope in ("generated", "all")
-        prefill: list[np.ndarray | None] = []
-        logits: dict[int, np.ndarray] = {}
-        for seq, prompt in enumerate(prompts):
-            if tap is not None:
-                tap.active = keep_prompt
-            # the last layer of every prompt token exists only where logits are requested
-            logits[seq] = self._prefill(seq, prompt, keep_prompt and self._wants_last_layer)[-1]
-            prefill.append(tap.take(len(prompt)) if keep_prompt else None)
-        if tap is not None:
-            tap.active = keep_decode
+        all_logits = self._observer is not None and self._observer.all_prompt_logits
+        logits = {
+            seq: self._prefill(seq, prompt, all_logits, PROMPT)[-1]
+            for seq, prompt in enumerate(prompts)
+        }
         generated: list[list[int]] = [[] for _ in prompts]
-        decoded: list[list[np.ndarray]] = [[] for _ in prompts]
         active = list(range(len(prompts)))
         while active:
-            feed = []
             for seq in active:
-                token = self._next_token(logits[seq], kwargs)
-                out = generated[seq]
-                out.append(token)
-                finished = (
-                    token in self._eog
-                    or len(out) >= max_new
-                    or len(prompts[seq]) + len(out) >= self.max_length
-                    or any(s in self.tok_decode(out) for s in until)
+                generated[seq].append(self._next_token(logits[seq], kwargs))
+            active = [
+                seq
+                for seq in active
+                if not (
+                    ends_response(generated[seq], self._eog, until, self.tok_decode)
+                    or len(generated[seq]) >= max_new
+                    or len(prompts[seq]) + len(generated[seq]) >= self.max_length
                 )
-                if not finished:
-                    feed.append(seq)
-            active = feed
-            if not feed:
-                break
-            positions = [len(prompts[seq]) + len(generated[seq]) - 1 for seq in feed]
-            tokens = [generated[seq][-1] for seq in feed]
-            rows = self._feed(tokens, positions, feed, [True] * len(feed))
-            captured = tap.take(len(feed)) if keep_decode else None
-            for j, seq in enumerate(feed):
-                logits[seq] = rows[j]
-                if captured is not None:
-                    decoded[seq].append(captured[:, j : j + 1])
+            ]
+            if active:
+                positions = [len(prompts[seq]) + len(generated[seq]) - 1 for seq in active]
+                tokens = [generated[seq][-1] for seq in active]
+                rows = self._feed(tokens, positions, active, [True] * len(active), GENERATED)
+                logits.update(zip(active, rows, strict=True))
         texts = []
         for seq, (context, prompt, out) in enumerate(
             zip(contexts, prompts, generated, strict=True)
         ):
-            if scope is not None:
-                parts = ([prefill[seq]] if keep_prompt else []) + decoded[seq]
-                rows = np.concatenate(parts, axis=1) if parts else tap.take(0)
-                self._captured_rows(context, prompt, out, rows)
+            if self._observer is not None:
+                self._observer.finished(seq, context, prompt, out)
             text = self.tok_decode([t for t in out if t not in self._eog])
             for stop in until:
                 text = text.split(stop)[0]
             texts.append(text)
-        if tap is not None:
-            tap.active = False
         return texts
-
-    _wants_last_layer = False
 
     # --- the harness API ---------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -304,7 +299,7 @@ class LlamaCppLM(TemplateLM):
         ):
             tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :]
             n_cont = len(continuation_enc)
-            logits = self._prefill(0, tokens[:-1], all_logits=True)[-n_cont:]
+            logits = self._prefill(0, tokens[:-1], all_logits=True, part=None)[-n_cont:]
             logprobs = _log_softmax(logits.astype(np.float64))
             target = np.asarray(tokens[-n_cont:])
             total = float(logprobs[np.arange(n_cont), target].sum())
@@ -340,69 +335,10 @@ class LlamaCppLM(TemplateLM):
 
 
 def _int(name: str, value: object, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise CaptureConfigError(f"{name}={value!r} is not an integer") from None
-    if number < minimum:
-        raise CaptureConfigError(f"{name}={value!r} must be at least {minimum}")
-    return number
+    return checked_number(name, value, minimum=minimum, integer=True)  # type: ignore[return-value]
 
 
 def _batch_size(value: object) -> int:
     """The harness's `--batch_size` as the number of sequences decoded together."""
     text = str(value).split(":")[0]
     return 8 if text == "auto" else _int("batch_size", text, 1)
-
-
-def _gguf_shape(path: str) -> tuple[int, int]:
-    """(decoder layers, hidden size) from the GGUF header, before llama.cpp loads the weights."""
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(path).fields
-        arch = bytes(fields["general.architecture"].parts[-1]).decode()
-        return (
-            int(fields[f"{arch}.block_count"].parts[-1][0]),
-            int(fields[f"{arch}.embedding_length"].parts[-1][0]),
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelFilesError(f"pretrained={path}: not a readable GGUF model: {exc}") from None
-
-
-@register_model("hallulens-gguf")
-class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
-    """`hallulens-gguf`: LlamaCppLM plus capture with `activations=` (DESIGN.md model_args)."""
-
-    def __init__(
-        self,
-        pretrained: str = "smollm2",
-        **kwargs,
-    ) -> None:
-        spec = self._capture_spec(kwargs)
-        if spec is not None:
-            from hallulens_models.llama_tap import GraphTap
-
-            n_layer, n_embd = _gguf_shape(resolve_gguf(pretrained))
-            layer_ids = spec.layer_ids(n_layer)  # bad options fail before weights load
-            self._tap = GraphTap(layer_ids, n_embd)
-            self._wants_last_layer = n_layer in layer_ids
-        super().__init__(pretrained=pretrained, **kwargs)
-        if spec is not None:
-            self._start_capture(CaptureSession(spec, layer_ids, pretrained, backend="gguf"))
-
-    def _capture_scope(self) -> str | None:
-        return self._capture.spec.tokens if self.capturing else None
-
-    def _captured_rows(self, context: str, prompt: list[int], generated: list[int], rows) -> None:
-        scope = self._capture.spec.tokens
-        positions = token_positions(scope, len(prompt), len(generated))
-        self._captured(
-            CapturedSample(
-                prompt=context,
-                prompt_token_ids=prompt,
-                generated_token_ids=generated,
-                token_positions=positions,
-                activations=storage_from_float32(rows, self._capture.spec.dtype),
-            )
-        )

@@ -10,12 +10,12 @@ The engine glue queues one `CapturedSample` per output in the same order via `_c
 from __future__ import annotations
 
 import logging
-import sys
 from collections import defaultdict, deque
 
-from hallulens_capture.errors import CaptureError, HalluLensError
+from hallulens_capture.errors import CaptureError
 from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest, canonical_json
 from hallulens_capture.spec import CaptureSpec
+from hallulens_models.harness_cli import join_harness_cli
 
 # model_args every hallulens-* backend takes, in CaptureSpec.from_model_args order
 CAPTURE_ARGS = ("activations", "capture_layers", "capture_tokens", "capture_dtype", "map_size_gb")
@@ -83,7 +83,7 @@ class CaptureMixin:
 
     @staticmethod
     def _capture_spec(kwargs: dict) -> CaptureSpec | None:
-        """Take the capture model_args (DESIGN.md) out of `kwargs`, checked before any weights
+        """Take the capture model_args out of `kwargs`, checked before any weights
         load; None when capture is off. Also joins our logs and errors to the harness CLI's."""
         join_harness_cli()
         return CaptureSpec.from_model_args(*(kwargs.pop(name, None) for name in CAPTURE_ARGS))
@@ -150,32 +150,3 @@ class CaptureMixin:
                 results[i] = text
         log.info("activation store %s: %d records written", session.spec.path, session.written)
         return results  # type: ignore[return-value]
-
-
-def join_harness_cli() -> None:
-    """Make our logs and errors look like the harness's own when run from the `lm_eval` CLI.
-
-    Our loggers use the handlers and level lm-eval set up (LMEVAL_LOG_LEVEL applies), and our
-    own errors, when nothing catches them, print as one line instead of a traceback.
-    """
-    harness = logging.getLogger("lm_eval")
-    if harness.handlers:
-        for name in ("hallulens_capture", "hallulens_models", "hallulens_tasks"):
-            ours = logging.getLogger(name)
-            ours.setLevel(harness.level)
-            for handler in harness.handlers:
-                if handler not in ours.handlers:
-                    ours.addHandler(handler)
-            ours.propagate = False
-    previous = sys.excepthook
-    if getattr(previous, "_hallulens", False):
-        return
-
-    def hook(kind, value, tb):
-        if isinstance(value, HalluLensError):
-            print(f"lm-eval-hallulens: error: {value}", file=sys.stderr)
-        else:
-            previous(kind, value, tb)
-
-    hook._hallulens = True  # type: ignore[attr-defined]
-    sys.excepthook = hook

@@ -16,8 +16,8 @@ from lm_eval.models.huggingface import HFLM
 from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession
+from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.harness import CaptureMixin
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
 from hallulens_models.model_config import text_config
 

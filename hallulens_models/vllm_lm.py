@@ -23,8 +23,8 @@ from lm_eval.models.vllm_causallms import VLLM
 
 from hallulens_capture.session import CaptureSession
 from hallulens_models import vllm_capture as capture
+from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.harness import CaptureMixin
 from hallulens_models.model_config import text_config
 
 log = logging.getLogger(__name__)
