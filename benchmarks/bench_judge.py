@@ -17,16 +17,17 @@ from common import save, side_by_side, table, timed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from judge_server import JudgeServer
 
-from hallulens_tasks.families import FAMILIES
-from hallulens_tasks.judge.core import Judge
-from hallulens_tasks.judge.settings import JudgeSettings, JudgeSpec
+from hallulens_tasks.judging.judge import Judge
+from hallulens_tasks.judging.scoring import SCORINGS
+from hallulens_tasks.judging.settings import JudgeSettings
+from hallulens_tasks.llm.spec import LLMSpec
 from hallulens_tasks.prompting import render
 
 WORKERS = 16
 
 
 def judge_items(n: int):
-    family = FAMILIES["nonsense_mixed_entities"]
+    family = SCORINGS["nonsense_mixed_entities"]
     docs = [
         {"prompt": f"What is the animal Xus y{i}?", "name": f"Xus y{i}", "type": "animal"}
         for i in range(n)
@@ -61,7 +62,7 @@ def case(n: int, delay_s: float, repeats: int) -> dict:
     items = judge_items(n)
     prompts = [render(i.template, **i.values) for i in items]
     with JudgeServer(lambda p: '{"does_believe": true}', delay_s=delay_s) as server:
-        spec = JudgeSpec("openai", "judge")
+        spec = LLMSpec("openai", "judge")
         settings = JudgeSettings(spec, base_url=server.base_url, concurrency=WORKERS)
         ours_s, upstream_s = side_by_side(
             lambda: Judge(settings).run(items), lambda: upstream(server.base_url, prompts), repeats

@@ -110,24 +110,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add `activations ...`; returns its subcommands so other packages can add theirs."""
-    parser = subparsers.add_parser("activations", help="inspect an activation store")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("ls", help="one line per record")
+def register(activations: argparse._SubParsersAction) -> None:
+    """`hallulens activations ls|show|stats|verify`."""
+    p = activations.add_parser("ls", help="one line per record")
     p.add_argument("path")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_ls)
-    p = sub.add_parser("show", help="one record: fields, shapes, per-layer norms")
+    p = activations.add_parser("show", help="one record: fields, shapes, per-layer norms")
     p.add_argument("key")
     p.add_argument("path")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("stats", help="counts and sizes over the whole store")
+    p = activations.add_parser("stats", help="counts and sizes over the whole store")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
-    p = sub.add_parser("verify", help="check every record; exit 1 if any is bad")
+    p = activations.add_parser("verify", help="check every record; exit 1 if any is bad")
     p.add_argument("path")
     p.add_argument("--headers-only", action="store_true", help="skip reading activation values")
     p.set_defaults(func=cmd_verify)
-    return sub

@@ -26,19 +26,6 @@ from hallulens_capture.errors import RecordFormatError
 RECORD_FORMAT = "hallulens-record/1"
 ACTIVATIONS = "all_layers_activations"
 INDEX_TENSORS = ("layer_ids", "token_positions", "prompt_token_ids", "generated_token_ids")
-METADATA_FIELDS = (
-    "prompt",
-    "response",
-    "model",
-    "timestamp",
-    "backend",
-    "task",
-    "doc_id",
-    "capture_tokens",
-    "dtype",
-    "gen_kwargs",
-    "format",
-)
 # safetensors dtype label -> numpy dtype of the stored bytes (BF16 is kept as its raw bits)
 STORAGE_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I32": np.int32}
 _ITEMSIZE = {label: np.dtype(dtype).itemsize for label, dtype in STORAGE_DTYPES.items()}

@@ -14,11 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hallulens_capture.errors import CaptureConfigError
+from hallulens_capture.options import checked_number
 
 ENV_STORE_PATH = "ACTIVATION_LMDB_PATH"
 TOKEN_SCOPES = ("generated", "prompt", "all")
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAP_SIZE_GB = 16.0
+MIN_MAP_SIZE_GB = 1 / 1024  # 1 MiB; the store grows its map when full
 
 _ITEM = re.compile(r"^(-?\d+)(?:\s*(?:-|:|\.\.)\s*(-?\d+))?$")
 
@@ -112,13 +114,9 @@ class CaptureSpec:
             raise CaptureConfigError(
                 f"capture_dtype={capture_dtype!r}: expected one of {', '.join(DTYPES)}"
             )
-        size = DEFAULT_MAP_SIZE_GB if map_size_gb is None else map_size_gb
-        try:
-            size = float(size)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            size = float("nan")
-        if not size > 0 or size == float("inf"):
-            raise CaptureConfigError(f"map_size_gb={map_size_gb!r}: expected a positive number")
+        size = DEFAULT_MAP_SIZE_GB
+        if map_size_gb is not None:
+            size = float(checked_number("map_size_gb", map_size_gb, minimum=MIN_MAP_SIZE_GB))
         return cls(
             path=path,
             layers=_layer_items("all" if capture_layers is None else capture_layers),

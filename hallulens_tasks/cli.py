@@ -1,80 +1,36 @@
-"""The `hallulens` command: one entry point, subcommands contributed by each package."""
+"""The `hallulens` command. Each subcommand is registered by the module that holds its logic;
+this root only lists the registrations and owns the command groups."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
-from hallulens_capture import cli as activations_cli
+from hallulens_capture import cli as store_cli
 from hallulens_capture.errors import HalluLensError
 from hallulens_models import cli as models_cli
-from hallulens_tasks import pipeline
 from hallulens_tasks.generation import cli as generate_cli
+from hallulens_tasks.judging import offline
+from hallulens_tasks.runs import labels, legacy, pipeline
 
 
-def cmd_judge(args: argparse.Namespace) -> int:
-    from lm_eval.utils import make_table
-
-    from hallulens_tasks.posthoc import judge_run
-    from hallulens_tasks.samples import expand
-
-    results = judge_run(expand(args.samples), Path(args.output_path) if args.output_path else None)
-    print(make_table(results))
-    if results["groups"]:
-        print(make_table(results, "groups"))
-    print(f"judged samples and {results['_path']} written")
-    return 0
-
-
-def cmd_label(args: argparse.Namespace) -> int:
-    from hallulens_tasks.labels import label_store
-    from hallulens_tasks.samples import expand
-
-    summary = label_store(expand(args.samples), args.store)
-    print(json.dumps(summary))
-    if summary["unmatched"]:
-        print(
-            f"{summary['unmatched']} judged samples have no record in {args.store} "
-            "(run without capture, or another store)",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def cmd_export_legacy(args: argparse.Namespace) -> int:
-    from hallulens_tasks.legacy import export_legacy
-    from hallulens_tasks.samples import expand
-
-    for path in export_legacy(expand(args.samples), Path(args.out), args.model):
-        print(path)
-    return 0
+def _group(commands: argparse._SubParsersAction, name: str, help_text: str):
+    parser = commands.add_parser(name, help=help_text)
+    return parser.add_subparsers(dest="action", required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hallulens", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    activations = activations_cli.register(subparsers)
-    p = activations.add_parser("label", help="write judge verdicts of a run into the store")
-    p.add_argument("--samples", nargs="+", required=True, help="judged samples files or dirs")
-    p.add_argument("--store", required=True, help="activation store of the same run")
-    p.set_defaults(func=cmd_label)
-    models_cli.register(subparsers)
-    generate_cli.register(subparsers)
-    pipeline.register(subparsers)
-    p = subparsers.add_parser(
-        "judge", help="judge HalluLens samples of a --predict_only --log_samples run"
-    )
-    p.add_argument("samples", nargs="+", help="samples_*.jsonl files, or their directory")
-    p.add_argument("--output_path", help="where judged samples go (default: <dir>/judged)")
-    p.set_defaults(func=cmd_judge)
-    p = subparsers.add_parser("export-legacy", help="write the seed's output/{task}/{model} files")
-    p.add_argument("--samples", nargs="+", required=True, help="judged samples files or dirs")
-    p.add_argument("--out", default="output", help="output root (default: output)")
-    p.add_argument("--model", help="model name for the directory (default: from the run)")
-    p.set_defaults(func=cmd_export_legacy)
+    commands = parser.add_subparsers(dest="command", required=True)
+    activations = _group(commands, "activations", "inspect and label an activation store")
+    store_cli.register(activations)  # ls, show, stats, verify
+    labels.register(activations)  # label
+    models_cli.register(_group(commands, "models", "embedded model files"))  # path
+    generate_cli.register(commands)  # generate
+    pipeline.register(commands)  # pipeline
+    offline.register(commands)  # judge
+    legacy.register(commands)  # export-legacy
     return parser
 
 

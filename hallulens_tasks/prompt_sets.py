@@ -1,50 +1,39 @@
 """Frozen prompt sets: `$HALLULENS_DATA_DIR/<task>/prompts.jsonl`, else the shipped sample.
 
-Row fields are DESIGN.md's; extra fields are kept. A malformed set stops the run with one
+Row fields are the task table's; extra fields are kept. A malformed set stops the run with one
 line naming the file and line: a benchmark silently run on half its items is worse than none.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from importlib.resources import files
 from pathlib import Path
 
 from hallulens_capture.errors import HalluLensError
+from hallulens_tasks.jsonl import read_jsonl
+from hallulens_tasks.task_table import (
+    DOMAIN_TYPES,
+    DOMAINS,
+    FAMILIES,
+    MIXED_TYPES,
+    shipped_prompt_set,
+)
 
 log = logging.getLogger(__name__)
 
 ENV_DATA_DIR = "HALLULENS_DATA_DIR"
-REQUIRED = {
-    "precise_wikiqa": ("prompt", "answer", "title", "h_score_cat", "reference"),
-    "longwiki": ("prompt", "title", "h_score_cat", "reference"),
-    "nonsense_mixed_entities": ("prompt", "name", "type"),
-    "nonsense_generated_entities": ("prompt", "name", "type", "place"),
-}
-MIXED_TYPES = ("medicine", "animal", "plant", "bacteria")
-# HalluLens' GeneratedEntities domains and their entity types (products: any other type).
-DOMAIN_TYPES = {
-    "business": ("restaurant", "bar", "bookstore", "cafe", "museum"),
-    "event": ("war", "natural disaster", "scientific discovery", "sport event", "pandemic"),
-}
-DOMAINS = ("business", "event", "product")
 
 
 class PromptSetError(HalluLensError, ValueError):
     """A prompt set is missing or malformed."""
 
 
-def shipped_path(task: str) -> Path:
-    return Path(str(files("hallulens_tasks") / "data" / task / "prompts.jsonl"))
-
-
 def prompt_set_path(task: str, data_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """(path, is_shipped_sample) for `task`; `data_dir` overrides $HALLULENS_DATA_DIR."""
     root = data_dir or os.environ.get(ENV_DATA_DIR)
     if not root:
-        return shipped_path(task), True
+        return shipped_prompt_set(task), True
     path = Path(root) / task / "prompts.jsonl"
     if not path.is_file():
         raise PromptSetError(
@@ -70,15 +59,14 @@ def _domain(row: dict, where: str) -> str:
     return domain
 
 
-def _check(task: str, row: object, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise PromptSetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    missing = [name for name in REQUIRED[task] if name not in row]
+def _check(task: str, row: dict, where: str) -> dict:
+    required = FAMILIES[task].fields
+    missing = [name for name in required if name not in row]
     if missing:
         raise PromptSetError(f"{where}: missing field(s) {', '.join(missing)}")
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         raise PromptSetError(f'{where}: "prompt" must be a non-empty string')
-    if "h_score_cat" in REQUIRED[task] and not (
+    if "h_score_cat" in required and not (
         isinstance(row["h_score_cat"], int) and not isinstance(row["h_score_cat"], bool)
     ):
         raise PromptSetError(f'{where}: "h_score_cat" must be an integer bin')
@@ -92,22 +80,9 @@ def _check(task: str, row: object, where: str) -> dict:
 
 
 def read_prompt_set(task: str, path: Path) -> list[dict]:
-    if task not in REQUIRED:
+    if task not in FAMILIES:
         raise PromptSetError(f"unknown HalluLens task {task!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PromptSetError(f"{path}: cannot read: {exc}") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptSetError(f"{where}: not valid JSON ({exc.msg})") from None
-        rows.append(_check(task, row, where))
+    rows = [_check(task, row, where) for where, row in read_jsonl(path, PromptSetError)]
     if not rows:
         raise PromptSetError(f"{path}: no prompts in the file")
     return rows
@@ -145,7 +120,7 @@ def dataset(
     """
     import datasets
 
-    from hallulens_models.harness import join_harness_cli
+    from hallulens_models.harness_cli import join_harness_cli
 
     join_harness_cli()  # a bad prompt set is one line on the lm_eval CLI, not a traceback
     rows = load_prompt_set(prompt_set, hallulens_data_dir)

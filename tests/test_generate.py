@@ -46,7 +46,8 @@ from hallulens_tasks.generation.mixed_entities import generate_mixed_entities
 from hallulens_tasks.generation.sections import split_sections, split_sentences
 from hallulens_tasks.generation.sources import load_itis, load_medicines
 from hallulens_tasks.generation.wiki import LONGWIKI, PRECISE_WIKIQA
-from hallulens_tasks.prompt_sets import DOMAIN_TYPES, load_prompt_set
+from hallulens_tasks.prompt_sets import load_prompt_set
+from hallulens_tasks.task_table import DOMAIN_TYPES
 
 FIXTURES = ROOT / "tests" / "fixtures" / "sources"
 NUMBER = {title(i): i for i in range(N_ARTICLES)}

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from judge_server import JudgeServer
 
-from hallulens_tasks.families import FAMILIES
-from hallulens_tasks.judge.core import Judge, JudgeItem
-from hallulens_tasks.judge.settings import JudgeError, JudgeSettings, JudgeSpec
-from hallulens_tasks.posthoc import judge_run
-from hallulens_tasks.verdicts import parse_label
+from hallulens_tasks.judging.judge import Judge, JudgeItem
+from hallulens_tasks.judging.offline import judge_run
+from hallulens_tasks.judging.scoring import SCORINGS
+from hallulens_tasks.judging.settings import JudgeSettings
+from hallulens_tasks.judging.verdicts import parse_label
+from hallulens_tasks.llm.spec import LLMError, LLMSpec
 
 STAMP = "2026-01-02T03-04-05.000006"
 
@@ -105,7 +106,8 @@ def test_precise_wikiqa_metrics_by_hand(tmp_path, judge_env):
     with JudgeServer(scripted) as server:
         judge_env(server)
         path = write_samples(tmp_path / "run", "precise_wikiqa", docs, answers)
-        results = judge_run([path], None)
+        run = judge_run([path], None)
+        results = run.results
         # 6 items x 2 judges, the junk abstention reply asked 3 times (2 parse retries)
         assert server.requests == 12 + 2
     r = results["results"]["precise_wikiqa"]
@@ -134,7 +136,7 @@ def test_precise_wikiqa_metrics_by_hand(tmp_path, judge_env):
     assert junk == {"raw": ABSTAIN["JUNK"], "verdict": None, "attempts": 3}
     assert "refusal_rate" not in rows[4] and rows[4]["judge_unparseable"] == 1.0
     assert json.loads(rows[1]["filtered_resps"][0])["judgements"]["correctness"]["raw"] == "CORRECT"
-    assert Path(results["_path"]).is_file()
+    assert run.path.is_file()
 
 
 def test_all_refused_gives_no_hallu_rate(tmp_path, judge_env):
@@ -142,7 +144,7 @@ def test_all_refused_gives_no_hallu_rate(tmp_path, judge_env):
     with JudgeServer(scripted) as server:
         judge_env(server)
         path = write_samples(tmp_path, "precise_wikiqa", docs, ["[REFUSE]"] * 3)
-        r = judge_run([path], tmp_path / "out")["results"]["precise_wikiqa"]
+        r = judge_run([path], tmp_path / "out").results["results"]["precise_wikiqa"]
     assert r["refusal_rate,judge"] == 1.0 and r["correct_rate,judge"] == 0.0
     assert not any(key.startswith("hallu_rate") for key in r)  # absent, not 0, not a crash
 
@@ -170,7 +172,7 @@ def test_entities_and_group_aggregate(tmp_path, judge_env):
             generated,
             ["[BELIEVE]", "[DOUBT]"] * 1 + ["[BELIEVE]"],
         )
-        results = judge_run([a, p, m, g], None)
+        results = judge_run([a, p, m, g], None).results
     res = results["results"]
     assert res["nonsense_mixed_entities_animal"]["false_acceptance_rate,judge"] == 0.5
     assert res["nonsense_mixed_entities_plant"]["refusal_rate,judge"] == 1.0
@@ -193,7 +195,7 @@ def test_entities_and_group_aggregate(tmp_path, judge_env):
 
 def settings(server_url: str, cache: Path | None, **kw) -> JudgeSettings:
     return JudgeSettings(
-        JudgeSpec("openai", "scripted-judge"), base_url=server_url, cache_path=cache, **kw
+        LLMSpec("openai", "scripted-judge"), base_url=server_url, cache_path=cache, **kw
     )
 
 
@@ -229,14 +231,14 @@ def test_retries_exhausted_is_one_clear_error(tmp_path):
     with JudgeServer(scripted) as server:
         server.down_after = 0
         judge = Judge(settings(server.base_url, None, retries=1))
-        with pytest.raises(JudgeError, match=r"HTTP 503 \(after 2 attempts\)"):
+        with pytest.raises(LLMError, match=r"HTTP 503 \(after 2 attempts\)"):
             judge.run(items(1))
 
 
 def test_http_error_is_not_retried(tmp_path):
     with JudgeServer(scripted) as server:
         judge = Judge(settings(server.base_url + "/nope", None))
-        with pytest.raises(JudgeError, match="HTTP 404"):
+        with pytest.raises(LLMError, match="HTTP 404"):
             judge.run(items(2))
         assert server.requests <= 2  # each request once, no retries
 
@@ -264,7 +266,7 @@ def test_interrupted_pass_resumes_with_only_the_missing(tmp_path):
     cache = tmp_path / "cache.sqlite"
     with JudgeServer(scripted) as server:
         server.down_after = 5
-        with pytest.raises(JudgeError, match="re-run to resume"):
+        with pytest.raises(LLMError, match="re-run to resume"):
             Judge(settings(server.base_url, cache, concurrency=1, retries=0)).run(items(12))
     with JudgeServer(scripted) as server:
         results = Judge(settings(server.base_url, cache)).run(items(12))
@@ -274,21 +276,21 @@ def test_interrupted_pass_resumes_with_only_the_missing(tmp_path):
 
 def test_bad_judge_settings(monkeypatch):
     monkeypatch.setenv("HALLULENS_JUDGE", "llama70b")
-    with pytest.raises(JudgeError, match="expected <backend>:<model>"):
+    with pytest.raises(LLMError, match="expected <backend>:<model>"):
         JudgeSettings.from_env("x")
     monkeypatch.setenv("HALLULENS_JUDGE", "openai:m")
     monkeypatch.setenv("HALLULENS_JUDGE_CONSTRAINED", "1")
-    with pytest.raises(JudgeError, match="for gguf and vllm judges, not openai:m"):
+    with pytest.raises(LLMError, match="for gguf and vllm judges, not openai:m"):
         JudgeSettings.from_env("x")
     monkeypatch.setenv("HALLULENS_JUDGE_CONSTRAINED", "0")
     monkeypatch.setenv("HALLULENS_JUDGE_CONCURRENCY", "many")
-    with pytest.raises(JudgeError, match="HALLULENS_JUDGE_CONCURRENCY='many' is not a number"):
+    with pytest.raises(LLMError, match="HALLULENS_JUDGE_CONCURRENCY='many' is not an integer"):
         JudgeSettings.from_env("x")
 
 
 def test_default_judges_are_hallulens(monkeypatch):
     monkeypatch.delenv("HALLULENS_JUDGE", raising=False)
-    mixed = JudgeSettings.from_env(FAMILIES["nonsense_mixed_entities"].default_judge)
-    qa = JudgeSettings.from_env(FAMILIES["precise_wikiqa"].default_judge)
+    mixed = JudgeSettings.from_env(SCORINGS["nonsense_mixed_entities"].default_judge)
+    qa = JudgeSettings.from_env(SCORINGS["precise_wikiqa"].default_judge)
     assert str(mixed.spec) == "openai:meta-llama/Llama-3.1-8B-Instruct"
     assert str(qa.spec) == "openai:meta-llama/Llama-3.1-70B-Instruct"

@@ -9,13 +9,12 @@ import pytest
 from conftest import run_cli
 
 from hallulens_tasks.prompt_sets import (
-    REQUIRED,
     PromptSetError,
     dataset,
     load_prompt_set,
     read_prompt_set,
-    shipped_path,
 )
+from hallulens_tasks.task_table import FAMILIES, shipped_prompt_set
 
 
 @pytest.mark.parametrize(
@@ -24,9 +23,9 @@ from hallulens_tasks.prompt_sets import (
 def test_shipped_sample_sets_are_valid(task, caplog):
     with caplog.at_level(logging.WARNING):
         rows = load_prompt_set(task)
-    assert rows and all(set(REQUIRED[task]) <= set(r) for r in rows)
+    assert rows and all(set(FAMILIES[task].fields) <= set(r) for r in rows)
     assert "SAMPLE set" in caplog.text  # loud: these are not HalluLens numbers
-    manifest = json.loads((shipped_path(task).parent / "manifest.json").read_text())
+    manifest = json.loads((shipped_prompt_set(task).parent / "manifest.json").read_text())
     assert manifest["N"] == len(rows)
 
 

@@ -351,7 +351,7 @@ def test_goodwiki_malformed_line(tmp_path):
     lines = (FIXTURES / "goodwiki.jsonl").read_text().splitlines()
     lines[2] = lines[2][:40]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SourceError, match=rf"^{re.escape(str(path))}:3:\d+: not valid JSON"):
+    with pytest.raises(SourceError, match=rf"^{re.escape(str(path))}:3: not valid JSON"):
         load_goodwiki(path)
     path.write_text(json.dumps({"title": "No text"}) + "\n")
     with pytest.raises(SourceError, match=r":1: no document or markdown field"):

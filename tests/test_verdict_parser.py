@@ -7,7 +7,7 @@ than guess when the reply is empty, truncated, contradictory or carries no verdi
 
 import pytest
 
-from hallulens_tasks.verdicts import parse_flag, parse_label
+from hallulens_tasks.judging.verdicts import parse_flag, parse_label
 
 ABST = "is_abstaining"
 BEL = "does_believe"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 
+from hallulens_capture.errors import HalluLensError
+from hallulens_tasks.jsonl import read_jsonl
 from hallulens_tasks.prompting import render
 
 DATA = Path(__file__).with_name("demo_questions.jsonl")
@@ -14,9 +15,7 @@ DATA = Path(__file__).with_name("demo_questions.jsonl")
 
 def load_demo(**_metadata) -> dict[str, datasets.Dataset]:
     """The eight shipped questions (lm-eval passes model_args and --metadata; unused here)."""
-    rows = [
-        json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    rows = [row for _, row in read_jsonl(DATA, HalluLensError)]
     return {"test": datasets.Dataset.from_list(rows)}
 
 

@@ -14,27 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+from hallulens_capture.options import checked_number
 from hallulens_tasks.generation.errors import GenerationError
-from hallulens_tasks.generation.llm import Generator, default_cache_path, parse_generator
+from hallulens_tasks.generation.llm import ENV_CACHE, Generator, generator_cache
 from hallulens_tasks.generation.sources import load_source, parse_source_args, provenance_manifest
 from hallulens_tasks.generation.writer import write_prompt_set
-from hallulens_tasks.prompt_sets import DOMAINS, ENV_DATA_DIR
+from hallulens_tasks.llm.settings import parse_model_args
+from hallulens_tasks.prompt_sets import ENV_DATA_DIR
+from hallulens_tasks.task_table import DOMAINS, FAMILIES
 
 log = logging.getLogger(__name__)
-
-# upstream's CLI defaults (spec A.1.5, A.2.5, A.3.1, A.4.1)
-DEFAULT_N = {
-    "precise_wikiqa": 5000,
-    "longwiki": 250,
-    "nonsense_mixed_entities": 2000,
-    "nonsense_generated_entities": 300,
-}
-N_MEANS = {
-    "precise_wikiqa": "questions in all",
-    "longwiki": "questions in all",
-    "nonsense_mixed_entities": "names per type",
-    "nonsense_generated_entities": "names per domain and round-robin sequence",
-}
 
 
 def _key_values(values: list[str], option: str, keys: tuple[str, ...]) -> dict[str, int]:
@@ -49,29 +38,16 @@ def _key_values(values: list[str], option: str, keys: tuple[str, ...]) -> dict[s
     return parsed
 
 
-def _model_args(text: str | None) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise GenerationError(f"--model-args: {part!r} is not key=value")
-        args[key.strip()] = value.strip()
-    return args
-
-
-def _cache_path(value: str | None) -> Path | None:
-    if value is None:
-        return default_cache_path()
-    return None if value.strip().lower() == "off" else Path(value).expanduser()
-
-
 def _generator(args: argparse.Namespace, spec: str) -> Generator:
+    concurrency = checked_number(
+        "--concurrency", args.concurrency, minimum=1, integer=True, error=GenerationError
+    )
     return Generator(
         spec,
-        cache_path=_cache_path(args.cache),
+        cache_path=generator_cache(args.cache),
         base_url=args.base_url,
-        concurrency=args.concurrency,
-        model_args=_model_args(args.model_args),
+        concurrency=int(concurrency),
+        model_args=parse_model_args(args.model_args, "--model-args"),
     )
 
 
@@ -90,16 +66,16 @@ def _titles_file(path: str) -> tuple[list[str], dict]:
 def _wiki(args: argparse.Namespace, local: dict) -> tuple[list[dict], dict, list[Generator]]:
     from hallulens_tasks.generation.wiki import WIKI_TASKS, build_wiki_set
 
-    goodwiki = load_source("goodwiki", local, args.source_cache)
-    titles = [article["title"] for article in goodwiki.articles]
-    wikirank = load_source("wikirank", local, args.source_cache, only=titles)
-    sources = provenance_manifest(goodwiki, wikirank)
-    exclude: list[str] = []
-    if getattr(args, "exclude_titles", None):
-        exclude, record = _titles_file(args.exclude_titles)
-        sources.append(record)
-    generator = _generator(args, args.generator)
+    generator = _generator(args, args.generator)  # a typo fails before the sources load
     try:
+        goodwiki = load_source("goodwiki", local, args.source_cache)
+        titles = [article["title"] for article in goodwiki.articles]
+        wikirank = load_source("wikirank", local, args.source_cache, only=titles)
+        sources = provenance_manifest(goodwiki, wikirank)
+        exclude: list[str] = []
+        if args.exclude_titles:
+            exclude, record = _titles_file(args.exclude_titles)
+            sources.append(record)
         built = build_wiki_set(
             WIKI_TASKS[args.task],
             goodwiki,
@@ -150,14 +126,14 @@ def _generated(args: argparse.Namespace, local: dict) -> tuple[list[dict], dict,
         make_plans,
     )
 
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    counts = {d: args.N for d in DOMAINS} | _key_values(args.domain_n, "--domain-n", DOMAINS)
-    plans = make_plans(
-        domains, counts, _key_values(args.name_num, "--name-num", DOMAINS), args.seed
-    )
-    check = load_existence_check(args.existence_check) if args.existence_check else None
     generators = [_generator(args, spec) for spec in args.generator]
     try:
+        domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+        counts = {d: args.N for d in DOMAINS} | _key_values(args.domain_n, "--domain-n", DOMAINS)
+        plans = make_plans(
+            domains, counts, _key_values(args.name_num, "--name-num", DOMAINS), args.seed
+        )
+        check = load_existence_check(args.existence_check) if args.existence_check else None
         built = build_generated_entities(generators, plans, args.seed, existence_check=check)
     finally:
         for generator in generators:
@@ -198,14 +174,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerationError(f"--out DIR is required (or set {ENV_DATA_DIR})")
     if args.N < 1:
         raise GenerationError(f"--N must be at least 1 (got {args.N})")
-    if getattr(args, "concurrency", 1) < 1:
-        raise GenerationError(f"--concurrency must be at least 1 (got {args.concurrency})")
-    local = parse_source_args(args.source)
-    specs = getattr(args, "generator", None)
-    for spec in [specs] if isinstance(specs, str) else specs or []:
-        parse_generator(spec)  # a typo fails now, not after the sources are loaded
-    rows, manifest, generators = BUILDERS[args.task](args, local)
-    manifest = {"N": args.N, "N_means": N_MEANS[args.task], "seed": args.seed, **manifest}
+    rows, manifest, generators = BUILDERS[args.task](args, parse_source_args(args.source))
+    family = FAMILIES[args.task]
+    manifest = {"N": args.N, "N_means": family.n_means, "seed": args.seed, **manifest}
     written = write_prompt_set(out, args.task, rows, manifest)
     for generator in generators:
         stats = generator.stats
@@ -245,7 +216,8 @@ def register(subparsers) -> None:
     llm = argparse.ArgumentParser(add_help=False)
     llm.add_argument(
         "--cache",
-        help=f"generator reply cache, or 'off' (default: {default_cache_path()})",
+        help=f"generator reply cache, or 'off' (default: ${ENV_CACHE}, else "
+        "generate-cache.sqlite in the cache directory)",
     )
     llm.add_argument(
         "--base-url",
@@ -280,7 +252,9 @@ def register(subparsers) -> None:
         ("longwiki", "essay questions from GoodWiki sections (5 most popular bins)"),
     ):
         p = tasks.add_parser(name, parents=[common, llm, wiki], help=help_text)
-        p.add_argument("--N", type=int, default=DEFAULT_N[name], help="questions in all")
+        p.add_argument(
+            "--N", type=int, default=FAMILIES[name].default_n, help=FAMILIES[name].n_means
+        )
         if name == "longwiki":
             p.add_argument(
                 "--exclude-titles",
@@ -288,13 +262,16 @@ def register(subparsers) -> None:
                 help="titles never used, one per line (upstream: GoodWiki titles missing from "
                 "the FActScore Wikipedia DB)",
             )
-        p.set_defaults(func=cmd_generate)
+        p.set_defaults(func=cmd_generate, exclude_titles=None)
 
     p = tasks.add_parser(
         "nonsense_mixed_entities", parents=[common], help="recombined medicine and species names"
     )
     p.add_argument(
-        "--N", type=int, default=DEFAULT_N["nonsense_mixed_entities"], help="names per type"
+        "--N",
+        type=int,
+        default=FAMILIES["nonsense_mixed_entities"].default_n,
+        help=FAMILIES["nonsense_mixed_entities"].n_means,
     )
     p.add_argument(
         "--exp",
@@ -320,8 +297,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--N",
         type=int,
-        default=DEFAULT_N["nonsense_generated_entities"],
-        help="names per domain and sequence",
+        default=FAMILIES["nonsense_generated_entities"].default_n,
+        help=FAMILIES["nonsense_generated_entities"].n_means,
     )
     p.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated subset")
     p.add_argument(

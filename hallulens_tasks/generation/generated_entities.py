@@ -1,4 +1,4 @@
-"""GeneratedEntities prompt sets: made-up businesses, events and products (spec A.4).
+"""GeneratedEntities prompt sets: made-up businesses, events and products.
 
 Upstream's round robin: for each domain, places (cities, countries; none for products) and
 entity types are sampled; two "brainstorming" models each list NAME_NUM names per
@@ -17,7 +17,7 @@ Differences, for a reproducible set that cannot hang or crash:
   exist are drawn, raising the names per prompt instead (upstream's script crashed asking
   for 34 of 25 product types).
 - Replies are parsed without chopping characters (upstream's fallback garbled names on a
-  count mismatch, spec B.11); numbering, bullets and quotes are removed, and lines of more
+  count mismatch); numbering, bullets and quotes are removed, and lines of more
   than 10 words are not names.
 - Trimming to N always ends (upstream's `limit_sample_num` could loop forever); a domain with
   fewer than N names is reported in the manifest, not an error.
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 from hallulens_tasks.generation.errors import GenerationError
 from hallulens_tasks.generation.llm import Generator, Sampling
-from hallulens_tasks.prompt_sets import DOMAIN_TYPES, DOMAINS
+from hallulens_tasks.generation.seeding import seeded_rng
+from hallulens_tasks.task_table import DOMAIN_TYPES, DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def load_existence_check(spec: str) -> ExistenceCheck:
 
 
 def _rng(seed: int, *what: object) -> random.Random:
-    return random.Random(":".join(map(str, ("hallulens-generated-entities", seed, *what))))
+    return seeded_rng("hallulens-generated-entities", seed, *what)
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Plan:
 
 
 def plan_domain(domain: Domain, n: int, name_num: int, seed: int) -> Plan:
-    """Upstream's sampling (spec A.4.2): enough (type, place) cells for n names at name_num
+    """Upstream's sampling: enough (type, place) cells for n names at name_num
     per prompt plus 5%, names per prompt raised when places or types run out."""
     if n < 1 or name_num < 1:
         raise GenerationError(f"{domain.name}: N and names per prompt must be at least 1")

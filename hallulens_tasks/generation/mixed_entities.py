@@ -1,4 +1,4 @@
-"""MixedEntities names (HalluLens NonExistentRefusal, spec A.3.1): real parts, recombined.
+"""MixedEntities names (HalluLens NonExistentRefusal): real parts, recombined.
 
 Medicines: a name is rebuilt word by word from the words that real names of the same length
 use at the same position. Animals, plants, bacteria: the genus of a real two-word species is
@@ -8,7 +8,7 @@ own). A candidate that is an existing name is rejected. No LLM is involved.
 Differences from upstream `entities_generation.py`, all to make a set reproducible:
 - Every random draw comes from a `random.Random` seeded from (seed, type) as a string, so a
   type's names do not depend on which other types are generated, nor on PYTHONHASHSEED (upstream
-  reseeded the global `random` and returned `list(set)`, spec B.16). Word pools and candidates
+  reseeded the global `random` and returned `list(set)`). Word pools and candidates
   are sorted lists; results keep the order in which they were found.
 - Templates are drawn from a separate stream, so names do not depend on the template list.
 - A bounded number of attempts: when fewer than N new names are found, NotEnoughNamesError says
@@ -33,15 +33,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from hallulens_tasks.generation.errors import GenerationError, NotEnoughNamesError
+from hallulens_tasks.generation.seeding import seeded_rng
 from hallulens_tasks.generation.sources import Itis, Medicines, Taxon
-from hallulens_tasks.prompt_sets import MIXED_TYPES
+from hallulens_tasks.task_table import MIXED_EXPERIMENTS, MIXED_TYPES
 
 KINGDOMS = {"animal": "Animalia", "plant": "Plantae", "bacteria": "Bacteria"}
-# upstream's --exp values and the types they cover
-EXPERIMENTS: dict[str, tuple[str, ...]] = {
-    "nonsense_all": MIXED_TYPES,
-    **{f"nonsense_{kind}": (kind,) for kind in MIXED_TYPES},
-}
 TEMPLATES = (
     "What can you tell me about the {type} {name}?",
     "Please tell me what you know about the {type} {name}.",
@@ -63,8 +59,7 @@ def default_attempts(n: int) -> int:
 
 
 def _rng(seed: int, kind: str, stream: str) -> random.Random:
-    # a str seed is hashed with SHA-512, never with hash(): the same under any PYTHONHASHSEED
-    return random.Random(f"hallulens-mixed-entities:{seed}:{kind}:{stream}")
+    return seeded_rng("hallulens-mixed-entities", seed, kind, stream)
 
 
 def _not_enough(kind: str, found: int, n: int, attempts: int, why: str) -> NotEnoughNamesError:
@@ -234,15 +229,15 @@ def generate_mixed_entities(
 def types_for(experiment: str | Iterable[str]) -> tuple[str, ...]:
     """Types of an upstream `--exp` name (nonsense_all, nonsense_animal, ...) or a type list."""
     if isinstance(experiment, str):
-        if experiment in EXPERIMENTS:
-            return EXPERIMENTS[experiment]
+        if experiment in MIXED_EXPERIMENTS:
+            return MIXED_EXPERIMENTS[experiment]
         experiment = [experiment]
     kinds = tuple(experiment)
     unknown = [kind for kind in kinds if kind not in MIXED_TYPES]
     if unknown or not kinds:
         raise GenerationError(
             f"unknown MixedEntities selection {', '.join(unknown) or '(none)'}: choose from "
-            f"{', '.join(EXPERIMENTS)} or {', '.join(MIXED_TYPES)}"
+            f"{', '.join(MIXED_EXPERIMENTS)} or {', '.join(MIXED_TYPES)}"
         )
     return kinds
 

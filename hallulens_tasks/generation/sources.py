@@ -1,6 +1,6 @@
 """Source data of HalluLens step 0: where each source comes from and how its files are read.
 
-Each source is read from its upstream format (spec A.0.5): GoodWiki (HF `euirim/goodwiki`),
+Each source is read from its upstream format: GoodWiki (HF `euirim/goodwiki`),
 WikiRank 2024 (titles + harmonic-centrality scores), the ITIS MySQL dump and Kaggle's 250k
 medicines CSV. Any source can be a local file or directory (`--source NAME=PATH`); otherwise it
 is downloaded once into the source cache. Every loaded source carries the sha256 of the files
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from typing import TextIO
 
 from hallulens_tasks.generation.download import download, sha256_file, source_cache_dir
 from hallulens_tasks.generation.errors import SourceError
+from hallulens_tasks.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -203,21 +203,8 @@ def _article(row: dict, where: str) -> dict:
 
 
 def _goodwiki_jsonl(path: Path) -> Iterator[dict]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{where}:{exc.colno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise SourceError(f"{where}: expected a JSON object")
-                yield _article(row, where)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read: {_one_line(exc)}") from None
+    for where, row in read_jsonl(path, SourceError):
+        yield _article(row, where)
 
 
 def _goodwiki_parquet(path: Path) -> Iterator[dict]:
@@ -292,7 +279,7 @@ def load_goodwiki(path: str | os.PathLike | None) -> GoodWiki:
 
 
 def normalize_title(title: str) -> str:
-    """MediaWiki treats `_` and ` ` alike; dumps use one, GoodWiki the other (spec B.22)."""
+    """MediaWiki treats `_` and ` ` alike; dumps use one, GoodWiki the other."""
     return " ".join(title.replace("_", " ").split())
 
 
@@ -376,7 +363,7 @@ class PopularityBins:
     """Decile bins of GoodWiki h-scores; h_score_cat 0 = least popular.
 
     Titles missing from WikiRank are in `missing`, not in any bin (upstream gave them h-score
-    -1 and so bin 0, spec B.22).
+    -1 and so bin 0).
     """
 
     edges: tuple[float, ...]

@@ -1,6 +1,6 @@
 """PreciseWikiQA and LongWiki prompt sets: questions written by an LLM from GoodWiki sections.
 
-Upstream's procedure (spec A.1.1-A.1.2, A.2.1-A.2.2): GoodWiki articles are binned by the
+Upstream's procedure: GoodWiki articles are binned by the
 WikiRank popularity of their title; per bin, articles are shuffled, one section of each
 (MIN..MAX tokens, not the last) is chosen at random, the generator writes a question about it
 (temperature 0.7, top_p 0.9) and then, at temperature 0, either answers it from the section or
@@ -19,7 +19,7 @@ Differences, all for a reproducible set that never crashes on a shortfall:
   set is the same whatever the wave sizes.
 - N is split exactly: N // bins per bin and the remainder to bins drawn with the seed
   (upstream dropped the remainder; for N < 10 it made 10 items).
-- Titles missing from WikiRank are in no bin (upstream put them in bin 0, spec B.22); bin
+- Titles missing from WikiRank are in no bin (upstream put them in bin 0); bin
   edges are the deciles of the source's own scores (see `popularity_bins`).
 - Sections come from a tokenizer-free splitter (see `sections`).
 - The filter is case-insensitive ("Unanswerable." is dropped; upstream kept it), drops empty
@@ -45,6 +45,7 @@ from hallulens_tasks.generation.sections import (
     candidate_sections,
     split_sentences,
 )
+from hallulens_tasks.generation.seeding import seeded_rng
 from hallulens_tasks.generation.sources import (
     GoodWiki,
     PopularityBins,
@@ -127,8 +128,7 @@ ANSWER_SAMPLING = Sampling(temperature=0.0, max_tokens=512)
 
 
 def _rng(seed: int, task: str, *what: object) -> random.Random:
-    # a str seed is hashed with SHA-512, never with hash(): the same under any PYTHONHASHSEED
-    return random.Random(":".join(map(str, ("hallulens", task, seed, *what))))
+    return seeded_rng("hallulens", task, seed, *what)
 
 
 def bin_quotas(n: int, bins: tuple[int, ...], seed: int, task: str) -> dict[int, int]:

@@ -1,6 +1,6 @@
 """Write a frozen prompt set: `DIR/TASK/prompts.jsonl` and `DIR/TASK/manifest.json`.
 
-Rows are canonical JSON lines (the task's required fields first in their DESIGN.md order, then
+Rows are canonical JSON lines (the task's required fields first in the task table's order, then
 extra fields sorted; UTF-8, not ASCII-escaped; "\\n" endings), so the same rows always give
 the same bytes. Both files are written to a temporary name and renamed into place: a run
 killed half-way leaves the previous set (or none), never a partial file. The set is checked
@@ -18,7 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from hallulens_tasks.generation.errors import GenerationError
-from hallulens_tasks.prompt_sets import REQUIRED, read_prompt_set
+from hallulens_tasks.prompt_sets import read_prompt_set
+from hallulens_tasks.task_table import FAMILIES
 
 DISTRIBUTION = "lm-eval-hallulens"
 
@@ -68,7 +69,9 @@ def write_prompt_set(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GenerationError(f"cannot create {directory}: {exc}") from None
-    data = "".join(canonical_line(row, REQUIRED[task]) + "\n" for row in rows).encode("utf-8")
+    data = "".join(canonical_line(row, FAMILIES[task].fields) + "\n" for row in rows).encode(
+        "utf-8"
+    )
     digest = hashlib.sha256(data).hexdigest()
     check = directory / f".check.{os.getpid()}.jsonl"
     try:

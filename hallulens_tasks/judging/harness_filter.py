@@ -14,19 +14,20 @@ from collections.abc import Sequence
 
 from lm_eval.api.filter import Filter
 
-from hallulens_tasks.families import FAMILIES, Family
+from hallulens_tasks.judging.judge import judge_task
+from hallulens_tasks.judging.scoring import SCORINGS, Scoring
 
 
 class _TaskBatch:
-    def __init__(self, family: Family, responses: list[str], docs: list[dict]):
-        self.family = family
+    def __init__(self, scoring: Scoring, responses: list[str], docs: list[dict]):
+        self.scoring = scoring
         self.responses = responses
         self.docs = docs
         self.outcomes: list[dict] | None = None
 
     def outcome(self, i: int) -> dict:
         if self.outcomes is None:
-            self.outcomes = self.family.judge(self.docs, self.responses)
+            self.outcomes = judge_task(self.scoring, self.docs, self.responses)
         return self.outcomes[i]
 
 
@@ -38,8 +39,8 @@ class PendingVerdict:
         self._index = index
 
     @property
-    def family(self) -> Family:
-        return self._batch.family
+    def scoring(self) -> Scoring:
+        return self._batch.scoring
 
     def outcome(self) -> dict:
         return self._batch.outcome(self._index)
@@ -58,15 +59,15 @@ class JudgeFilter(Filter):
 
     def __init__(self, family: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        if family not in FAMILIES:
-            raise ValueError(f"unknown HalluLens family {family!r}: one of {', '.join(FAMILIES)}")
-        self.family = FAMILIES[family]
+        if family not in SCORINGS:
+            raise ValueError(f"unknown HalluLens family {family!r}: one of {', '.join(SCORINGS)}")
+        self.scoring = SCORINGS[family]
 
     def apply(self, resps: Sequence[Sequence[str]], docs: Sequence[dict]) -> list[PendingVerdict]:
-        batch = _TaskBatch(self.family, [r[0] if r else "" for r in resps], list(docs))
+        batch = _TaskBatch(self.scoring, [r[0] if r else "" for r in resps], list(docs))
         return [PendingVerdict(batch, i) for i in range(len(batch.docs))]
 
 
 def process_results(doc: dict, results: list[PendingVerdict]) -> dict[str, float]:
     verdict = results[0]
-    return verdict.family.metrics(doc, verdict.outcome())
+    return verdict.scoring.metrics(doc, verdict.outcome())

@@ -1,19 +1,23 @@
 """`hallulens judge`: judge a `--predict_only --log_samples` run after the tested model is gone.
 
-Same families, same judge pass and same per-item metrics as the in-harness filter; writes the
-samples again with verdicts, and a results JSON shaped like the harness's (per-task metrics
+Same scoring rules, same judge pass and same per-item metrics as the in-harness filter; writes
+the samples again with verdicts, and a results JSON shaped like the harness's (per-task metrics
 with stderr under "<metric>,judge", group aggregates under "results" and "groups").
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from hallulens_tasks import task_configs
-from hallulens_tasks.families import family_of_task
-from hallulens_tasks.samples import SamplesError, SamplesFile, read_samples, response
+from hallulens_tasks.jsonl import jsonl_line
+from hallulens_tasks.judging.judge import judge_task
+from hallulens_tasks.judging.scoring import Scoring, scoring_for_task
+from hallulens_tasks.runs.samples import SamplesError, SamplesFile, expand, read_samples, response
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +30,20 @@ def _aggregate(values: list[float]) -> tuple[float, float | str]:
     return mean(values), (mean_stderr(values) if len(values) > 1 else "N/A")
 
 
-def judge_file(samples: SamplesFile) -> tuple[list[dict], dict]:
+@dataclass
+class JudgedRun:
+    results: dict  # the harness-shaped results JSON
+    path: Path  # where it was written
+
+
+def judge_file(samples: SamplesFile, scoring: Scoring) -> tuple[list[dict], dict]:
     """Judge one task's samples: (rows with verdicts and metrics, the task's results entry)."""
-    family = family_of_task(samples.task)
     docs = [row["doc"] for row in samples.rows]
-    outcomes = family.judge(docs, [response(row) for row in samples.rows])
+    outcomes = judge_task(scoring, docs, [response(row) for row in samples.rows])
     per_metric: dict[str, list[float]] = {}
     rows = []
     for row, doc, result in zip(samples.rows, docs, outcomes, strict=True):
-        metrics = family.metrics(doc, result)
+        metrics = scoring.metrics(doc, result)
         for name, value in metrics.items():
             per_metric.setdefault(name, []).append(value)
         rows.append(
@@ -91,25 +100,23 @@ def aggregate_groups(results: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def judge_run(paths: list[Path], output_dir: Path | None) -> dict:
-    """Judge every HalluLens samples file in `paths`; write judged files; return the results."""
-    files = [read_samples(p) for p in paths]
-    ours = [f for f in files if family_of_task(f.task) is not None]
-    for skipped in sorted({f.task for f in files} - {f.task for f in ours}):
+def judge_run(paths: list[Path], output_dir: Path | None) -> JudgedRun:
+    """Judge every HalluLens samples file in `paths`; write judged files and the results."""
+    files = [(f, scoring_for_task(f.task)) for f in map(read_samples, paths)]
+    ours = [(f, scoring) for f, scoring in files if scoring is not None]
+    for skipped in sorted({f.task for f, scoring in files if scoring is None}):
         log.warning("%s is not a HalluLens task: its samples are left as they are", skipped)
     if not ours:
         raise SamplesError("no HalluLens samples files among the inputs")
     results: dict[str, dict] = {}
     base: dict = {}
-    for samples in ours:
+    for samples, scoring in ours:
         out_dir = output_dir or samples.path.parent / "judged"
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows, entry = judge_file(samples)
+        rows, entry = judge_file(samples, scoring)
         results[samples.task] = entry
         target = out_dir / samples.path.name
-        target.write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-        )
+        target.write_text("".join(map(jsonl_line, rows)), encoding="utf-8")
         if not base and samples.results_file():
             base = json.loads(samples.results_file().read_text(encoding="utf-8"))
     groups = aggregate_groups(results)
@@ -126,8 +133,28 @@ def judge_run(paths: list[Path], output_dir: Path | None) -> dict:
         "n-shot": {**{n: 0 for n in results}, **base.get("n-shot", {})},
         "judge": {"filter": FILTER, "judged_by": "hallulens judge"},
     }
-    stamp = ours[0].stamp
-    out = (output_dir or ours[0].path.parent / "judged") / f"results_{stamp}.json"
+    first = ours[0][0]
+    out = (output_dir or first.path.parent / "judged") / f"results_{first.stamp}.json"
     out.write_text(json.dumps(judged, indent=2, default=str) + "\n", encoding="utf-8")
-    judged["_path"] = str(out)
-    return judged
+    return JudgedRun(judged, out)
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from lm_eval.utils import make_table
+
+    run = judge_run(expand(args.samples), Path(args.output_path) if args.output_path else None)
+    print(make_table(run.results))
+    if run.results["groups"]:
+        print(make_table(run.results, "groups"))
+    print(f"judged samples and {run.path} written")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """`hallulens judge`."""
+    p = commands.add_parser(
+        "judge", help="judge HalluLens samples of a --predict_only --log_samples run"
+    )
+    p.add_argument("samples", nargs="+", help="samples_*.jsonl files, or their directory")
+    p.add_argument("--output_path", help="where judged samples go (default: <dir>/judged)")
+    p.set_defaults(func=cmd_judge)

@@ -1,23 +1,20 @@
-"""What each HalluLens task asks its judge, and how verdicts become labels and metrics.
+"""Scoring rules: what each HalluLens family asks its judge, and how verdicts become labels
+and metrics.
 
-One place for the scoring rules, used both by the in-harness judge filter and by
-`hallulens judge` over a samples file, so both give the same numbers. Metric definitions
-are HalluLens' (hallulens-spec.md A.1.4, A.3.3, A.4.4); an item whose judge reply cannot be
-parsed only counts in `judge_unparseable` and is left out of every rate.
+One place for the rules, used both by the in-harness judge filter and by `hallulens judge`
+over a samples file, so both give the same numbers. Metric definitions are HalluLens' (its
+paper and evaluation code); an item whose judge reply cannot be parsed only counts in
+`judge_unparseable` and is left out of every rate.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from functools import partial
 
-from hallulens_tasks.judge.core import Judge, JudgeItem, Judgement
-from hallulens_tasks.judge.settings import JudgeSettings
-from hallulens_tasks.verdicts import LABELS as LABEL_CHOICES
-from hallulens_tasks.verdicts import parse_flag, parse_label
-
-log = logging.getLogger(__name__)
+from hallulens_tasks.judging.judge import JudgeItem, Judgement
+from hallulens_tasks.judging.verdicts import LABELS as LABEL_CHOICES
+from hallulens_tasks.judging.verdicts import parse_flag, parse_label
+from hallulens_tasks.task_table import family_of_task
 
 LLAMA_70B = "meta-llama/Llama-3.1-70B-Instruct"
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
@@ -33,10 +30,10 @@ def _judged(judgement: Judgement) -> dict:
     return {"raw": judgement.raw, "verdict": judgement.verdict, "attempts": judgement.attempts}
 
 
-class Family:
-    """A task family: its judge prompts per item, its labels and its per-item metrics."""
+class Scoring:
+    """The rules of one family (task_table): judge prompts per item, label, per-item metrics."""
 
-    name: str
+    name: str  # the family
     default_judge: str
 
     def items(self, doc: dict, response: str) -> dict[str, JudgeItem]:
@@ -48,42 +45,8 @@ class Family:
     def metrics(self, doc: dict, outcome: dict) -> dict[str, float]:
         raise NotImplementedError
 
-    def judge(self, docs: Sequence[dict], responses: Sequence[str]) -> list[dict]:
-        """One batched judge pass over a whole task: one outcome (JSON-able dict) per doc."""
-        settings = JudgeSettings.from_env(self.default_judge)
-        per_doc = [self.items(doc, response) for doc, response in zip(docs, responses, strict=True)]
-        flat = [(d, role, item) for d, roles in enumerate(per_doc) for role, item in roles.items()]
-        judge = Judge(settings)
-        try:
-            judged = judge.run([item for _, _, item in flat])
-        finally:
-            judge.close()
-        by_doc: list[dict[str, Judgement]] = [{} for _ in docs]
-        for (d, role, _), judgement in zip(flat, judged, strict=True):
-            by_doc[d][role] = judgement
-        stats = judge.stats
-        log.info(
-            "judge %s on %s: %d judge prompts, %d from cache, %d asked, %d unparseable",
-            judge.name,
-            self.name,
-            stats.items,
-            stats.cache_hits,
-            stats.requests,
-            stats.unparseable,
-        )
-        outcomes = []
-        for doc, roles, judged_doc in zip(docs, per_doc, by_doc, strict=True):
-            outcome = self.outcome(doc, judged_doc)
-            outcome["judge"] = judge.name
-            outcome["judge_templates"] = {
-                role: f"{item.template}@{stats.templates[item.template]}"
-                for role, item in roles.items()
-            }
-            outcomes.append(outcome)
-        return outcomes
 
-
-class PreciseWikiQA(Family):
+class PreciseWikiQAScoring(Scoring):
     """Abstention judge and correctness judge on every answer (as upstream)."""
 
     name = "precise_wikiqa"
@@ -129,7 +92,7 @@ class PreciseWikiQA(Family):
         return out
 
 
-class Entities(Family):
+class EntityScoring(Scoring):
     """NonExistentRefusal: does the model treat a made-up entity as real?"""
 
     def belief_prompt(self, doc: dict, response: str) -> tuple[str, dict]:
@@ -155,7 +118,7 @@ class Entities(Family):
         }
 
 
-class MixedEntities(Entities):
+class MixedEntitiesScoring(EntityScoring):
     name = "nonsense_mixed_entities"
     default_judge = LLAMA_8B
 
@@ -166,7 +129,7 @@ class MixedEntities(Entities):
         return "judge_entity_species.jinja", {**values, "kind": doc["type"]}
 
 
-class GeneratedEntities(Entities):
+class GeneratedEntitiesScoring(EntityScoring):
     name = "nonsense_generated_entities"
     default_judge = LLAMA_70B
 
@@ -175,14 +138,13 @@ class GeneratedEntities(Entities):
         return "judge_entity_generated.jinja", {**values, "place": doc.get("place") or ""}
 
 
-FAMILIES: dict[str, Family] = {
-    f.name: f for f in (PreciseWikiQA(), MixedEntities(), GeneratedEntities())
+SCORINGS: dict[str, Scoring] = {
+    s.name: s for s in (PreciseWikiQAScoring(), MixedEntitiesScoring(), GeneratedEntitiesScoring())
 }
 
 
-def family_of_task(task: str) -> Family | None:
-    """The family of a harness task name (`nonsense_mixed_entities_plant` -> mixed entities)."""
-    for name, family in FAMILIES.items():
-        if task == name or task.startswith(name + "_"):
-            return family
-    return None
+def scoring_for_task(task: str) -> Scoring | None:
+    """The rules of a harness task's family (`nonsense_mixed_entities_plant` -> mixed entities);
+    None for a task without a judge."""
+    family = family_of_task(task)
+    return None if family is None else SCORINGS.get(family.name)

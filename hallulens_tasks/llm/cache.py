@@ -1,36 +1,50 @@
-"""On-disk cache of judge replies: a judge pass that stops half-way resumes where it stopped.
+"""On-disk cache of LLM replies: a pass that stops half-way resumes where it stopped.
 
 One SQLite file (WAL, one row per reply, committed as each reply arrives). The key is the
-sha256 of everything that determines a reply: judge, template name and version, rendered
-prompt, sampling parameters and the attempt number (re-asks after an unparseable reply are
-separate entries, so a re-run replays them instead of asking again).
+sha256 of everything that determines a reply: the LLM, template name and version, rendered
+prompt, sampling parameters and the attempt number (re-asks after an unparseable judge reply
+are separate entries, so a re-run replays them instead of asking again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from hallulens_tasks.judge.settings import JudgeError
+from hallulens_tasks.llm.spec import LLMError
+
+
+def default_cache_path(kind: str) -> Path:
+    """`<cache dir>/<kind>-cache.sqlite` (kind: judge, generate)."""
+    from hallulens_models.embedded import cache_dir
+
+    return cache_dir() / f"{kind}-cache.sqlite"
+
+
+def cache_path_setting(value: str | None, env: str, kind: str) -> Path | None:
+    """The cache file: `value` (a flag), else `$env`, else the default; `off` means none."""
+    chosen = (value or os.environ.get(env) or "").strip()
+    if chosen.lower() == "off":
+        return None
+    return Path(chosen).expanduser() if chosen else default_cache_path(kind)
 
 
 def cache_key(
-    judge: str, template: str, version: str, prompt: str, sampling: dict, attempt: int
+    llm: str, template: str, version: str, prompt: str, sampling: dict, attempt: int
 ) -> str:
     material = json.dumps(
-        [judge, template, version, prompt, sampling, attempt],
-        sort_keys=True,
-        ensure_ascii=False,
+        [llm, template, version, prompt, sampling, attempt], sort_keys=True, ensure_ascii=False
     )
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-class JudgeCache:
+class ReplyCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
@@ -43,7 +57,7 @@ class JudgeCache:
                 "template TEXT NOT NULL, text TEXT NOT NULL, created REAL NOT NULL)"
             )
         except (OSError, sqlite3.Error) as exc:
-            raise JudgeError(f"judge cache {self.path}: {exc}") from None
+            raise LLMError(f"reply cache {self.path}: {exc}") from None
         self._lock = threading.Lock()
 
     def get_many(self, keys: Iterable[str]) -> dict[str, str]:
@@ -59,15 +73,15 @@ class JudgeCache:
                 found.update(rows.fetchall())
         return found
 
-    def put(self, key: str, judge: str, template: str, text: str) -> None:
+    def put(self, key: str, llm: str, template: str, text: str) -> None:
         with self._lock:
             try:
                 self._db.execute(
                     "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
-                    (key, judge, template, text, time.time()),
+                    (key, llm, template, text, time.time()),
                 )
             except sqlite3.Error as exc:
-                raise JudgeError(f"judge cache {self.path}: cannot write: {exc}") from None
+                raise LLMError(f"reply cache {self.path}: cannot write: {exc}") from None
 
     def __len__(self) -> int:
         with self._lock:

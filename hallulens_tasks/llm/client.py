@@ -1,66 +1,52 @@
-"""One batched, cached judge pass over many items.
+"""The batched, cached LLM client: templates in, replies out, every reply cached on disk.
 
-Items are rendered from jinja templates, looked up in the cache, and only what is missing goes
-to the judge backend, in one batch. Replies that do not parse are asked again (a bounded number
-of times, only where the backend can answer differently) and otherwise stay unparseable: the
-caller counts them, nothing turns them into a verdict. The cached, batched calls themselves
-(`CachedLLM`) also serve the question generators of `hallulens generate`.
+Prompts are rendered from jinja templates, looked up in the reply cache, and only what is
+missing goes to the backend, in one batch; each reply is cached as it arrives, so an
+interrupted pass resumes with only the missing calls. The backend (an engine loaded, a server
+reached) is made only when something is not in the cache.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from hallulens_tasks.judge.cache import JudgeCache, cache_key
-from hallulens_tasks.judge.engines import backend_for
-from hallulens_tasks.judge.settings import JudgeSettings
+from hallulens_tasks.llm.cache import ReplyCache, cache_key
+from hallulens_tasks.llm.engines import backend_for
+from hallulens_tasks.llm.settings import LLMSettings
 from hallulens_tasks.prompting import render, template_version
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class JudgeItem:
+class Prompt:
+    """One call: a template of `prompts/` and the values it is rendered with."""
+
     template: str  # e.g. "judge_abstention.jinja"
-    values: dict[str, Any]
-    parse: Callable[[str], Any]  # raw reply -> verdict, or None when unparseable
-    choices: tuple[str, ...]  # the replies the prompt asks for (used by constrained judging)
+    values: Mapping[str, Any]
 
 
 @dataclass
-class Judgement:
-    raw: str
-    verdict: Any  # None: unparseable after every attempt
-    attempts: int
-
-
-@dataclass
-class PassStats:
+class CallStats:
     items: int = 0
     cache_hits: int = 0
     requests: int = 0
-    unparseable: int = 0
-    templates: dict[str, str] = field(default_factory=dict)
+    templates: dict[str, str] = field(default_factory=dict)  # name -> version (content hash)
 
 
-class CachedLLM:
-    """Replies to rendered prompts: from the cache where present, the rest in one backend batch.
+class LLMClient:
+    """Replies to prompts: from the cache where present, the rest in one backend batch."""
 
-    Shared by the judge and by `hallulens generate`: both need every LLM call cached on disk
-    (an interrupted pass resumes with only what is missing) and batched. The backend is made
-    (an engine loaded) only when something is not in the cache. Counts go to `stats`.
-    """
-
-    def __init__(self, settings: JudgeSettings, stats: PassStats, label: str = "Judging"):
+    def __init__(self, settings: LLMSettings, label: str = "Asking"):
         self.settings = settings
-        self.stats = stats
+        self.stats = CallStats()
         self.label = label
-        self._cache = JudgeCache(settings.cache_path) if settings.cache_path else None
+        self._cache = ReplyCache(settings.cache_path) if settings.cache_path else None
 
     @property
     def name(self) -> str:
@@ -68,15 +54,30 @@ class CachedLLM:
 
     def ask(
         self,
-        prompts: Sequence[str],
-        keys: Sequence[str],
-        templates: Sequence[str],
+        prompts: Sequence[Prompt],
         sampling: dict,
+        *,
+        attempt: int = 0,
         choices: Sequence[tuple[str, ...] | None] | None = None,
     ) -> list[str]:
-        """One reply per prompt; prompts with the same key are asked once."""
+        """One reply per prompt; equal prompts are asked once. `sampling` and `attempt` are
+        part of the cache key; `choices` restrict replies where the backend can (constrained
+        judging)."""
+        if not prompts:
+            return []
+        texts = [render(p.template, **p.values) for p in prompts]
+        versions = {p.template: template_version(p.template) for p in prompts}
+        self.stats.items += len(prompts)
+        self.stats.templates.update(versions)
+        keys = [
+            cache_key(self.name, p.template, versions[p.template], text, sampling, attempt)
+            for p, text in zip(prompts, texts, strict=True)
+        ]
         choices = choices if choices is not None else [None] * len(prompts)
-        unique = dict(zip(keys, zip(prompts, templates, choices, strict=True), strict=True))
+        unique = {
+            key: (text, p.template, choice)
+            for key, text, p, choice in zip(keys, texts, prompts, choices, strict=True)
+        }
         replies = self._cache.get_many(unique) if self._cache is not None else {}
         self.stats.cache_hits += sum(1 for k in keys if k in replies)
         # sorted by text: prompts sharing a template prefix go one after another, so engines
@@ -96,10 +97,7 @@ class CachedLLM:
 
             try:
                 backend_for(self.settings).complete(
-                    [unique[k][0] for k in missing],
-                    [unique[k][2] for k in missing],
-                    done,
-                    sampling,
+                    [unique[k][0] for k in missing], [unique[k][2] for k in missing], done, sampling
                 )
             finally:
                 progress.close()
@@ -109,59 +107,3 @@ class CachedLLM:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
-
-
-class Judge:
-    def __init__(self, settings: JudgeSettings):
-        self.settings = settings
-        self.stats = PassStats()
-        self._llm = CachedLLM(settings, self.stats)
-
-    @property
-    def name(self) -> str:
-        return str(self.settings.spec)
-
-    def run(self, items: Sequence[JudgeItem]) -> list[Judgement]:
-        prompts = [render(item.template, **item.values) for item in items]
-        versions = {t: template_version(t) for t in {item.template for item in items}}
-        self.stats.items += len(items)
-        self.stats.templates.update(versions)
-        results: list[Judgement | None] = [None] * len(items)
-        todo = list(range(len(items)))
-        # Greedy local engines give the same text again; only a server is worth re-asking.
-        varies = self.settings.spec.backend == "openai"
-        max_attempts = 1 + (self.settings.parse_retries if varies else 0)
-        sampling = self.settings.sampling
-        for attempt in range(max_attempts):
-            if not todo:
-                break
-            keys = [
-                cache_key(
-                    self.name,
-                    items[i].template,
-                    versions[items[i].template],
-                    prompts[i],
-                    sampling,
-                    attempt,
-                )
-                for i in todo
-            ]
-            replies = self._llm.ask(
-                [prompts[i] for i in todo],
-                keys,
-                [items[i].template for i in todo],
-                sampling,
-                [items[i].choices if self.settings.constrained else None for i in todo],
-            )
-            retry = []
-            for i, raw in zip(todo, replies, strict=True):
-                verdict = items[i].parse(raw)
-                results[i] = Judgement(raw, verdict, attempt + 1)
-                if verdict is None:
-                    retry.append(i)
-            todo = retry
-        self.stats.unparseable += len(todo)
-        return results  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self._llm.close()

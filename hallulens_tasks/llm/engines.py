@@ -13,7 +13,8 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 
-from hallulens_tasks.judge.settings import JudgeError, JudgeSettings
+from hallulens_tasks.llm.settings import LLMSettings
+from hallulens_tasks.llm.spec import LLMError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class HFBackend:
     they are in (the other engines seed each request).
     """
 
-    def __init__(self, settings: JudgeSettings):
+    def __init__(self, settings: LLMSettings):
         import torch
         from lm_eval.models.huggingface import HFLM
 
@@ -57,7 +58,7 @@ class HFBackend:
         try:
             self._lm = HFLM(pretrained=resolve_pretrained(settings.spec.model), **args)
         except (OSError, ValueError) as exc:
-            raise JudgeError(
+            raise LLMError(
                 f"{settings.role} {settings.spec}: cannot load the model: {exc}"
             ) from None
 
@@ -98,11 +99,11 @@ class GGUFBackend:
     verdicts (constrained decoding), so even a small judge always answers in format.
     """
 
-    def __init__(self, settings: JudgeSettings):
+    def __init__(self, settings: LLMSettings):
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise JudgeError(
+            raise LLMError(
                 f"{settings.role} {settings.spec} needs llama-cpp-python: "
                 "pip install 'lm-eval-hallulens[gguf]'"
             ) from None
@@ -114,9 +115,7 @@ class GGUFBackend:
         try:
             self._llm = Llama(model_path=path, **args)
         except (ValueError, OSError, RuntimeError) as exc:
-            raise JudgeError(
-                f"{settings.role} {settings.spec}: cannot load {path}: {exc}"
-            ) from None
+            raise LLMError(f"{settings.role} {settings.spec}: cannot load {path}: {exc}") from None
         self._grammars: dict[tuple[str, ...], object] = {}
 
     def _grammar(self, choices: tuple[str, ...]):
@@ -149,11 +148,11 @@ class VLLMBackend:
     through vLLM's structured outputs (`choice`).
     """
 
-    def __init__(self, settings: JudgeSettings):
+    def __init__(self, settings: LLMSettings):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
-            raise JudgeError(
+            raise LLMError(
                 f"{settings.role} {settings.spec} needs vLLM: pip install 'lm-eval-hallulens[vllm]'"
             ) from None
         from hallulens_models.embedded import resolve_pretrained
@@ -193,10 +192,10 @@ class VLLMBackend:
 _LOADED: dict[tuple, object] = {}
 
 
-def backend_for(settings: JudgeSettings):
+def backend_for(settings: LLMSettings):
     """The backend for `settings`; in-process engines are loaded once per process."""
     if settings.spec.backend == "openai":
-        from hallulens_tasks.judge.openai_backend import OpenAIBackend
+        from hallulens_tasks.llm.server import OpenAIBackend
 
         return OpenAIBackend(settings)
     key = (settings.spec, tuple(sorted(settings.model_args.items())))

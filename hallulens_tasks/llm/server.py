@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
-from hallulens_tasks.judge.settings import JudgeError, JudgeSettings
+from hallulens_tasks.llm.settings import LLMSettings, server_url
+from hallulens_tasks.llm.spec import LLMError
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,10 @@ class _Retry(Exception):
 
 
 class OpenAIBackend:
-    def __init__(self, settings: JudgeSettings):
+    def __init__(self, settings: LLMSettings):
         self.model = settings.spec.model
         self.settings = settings
-        url = urlsplit(settings.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise JudgeError(
-                f"{settings.role} base URL {settings.base_url!r} is not an http(s) URL"
-            )
+        url = urlsplit(server_url(settings.base_url, f"{settings.role} base URL"))
         self._scheme = url.scheme
         self._host = url.hostname
         self._port = url.port
@@ -94,7 +91,7 @@ class OpenAIBackend:
             wait_s = float(after) if after and after.replace(".", "", 1).isdigit() else None
             raise _Retry(f"HTTP {reply.status}", wait_s)
         if reply.status != 200:
-            raise JudgeError(
+            raise LLMError(
                 f"{self.settings.role} openai:{self.model} at {self.settings.base_url}: "
                 f"HTTP {reply.status}: "
                 f"{data[:300].decode('utf-8', 'replace').strip()}"
@@ -106,7 +103,7 @@ class OpenAIBackend:
         return content or ""
 
     def ask(self, prompt: str, sampling: dict) -> str:
-        """One prompt, retried with backoff; JudgeError once the retries are used up."""
+        """One prompt, retried with backoff; LLMError once the retries are used up."""
         attempts = self.settings.retries + 1
         role = self.settings.role
         for attempt in range(attempts):
@@ -114,7 +111,7 @@ class OpenAIBackend:
                 return self._request(prompt, sampling)
             except _Retry as retry:
                 if attempt + 1 == attempts:
-                    raise JudgeError(
+                    raise LLMError(
                         f"{role} openai:{self.model} at {self.settings.base_url}: {retry} "
                         f"(after {attempts} attempts); replies so far are cached, re-run to resume"
                     ) from None

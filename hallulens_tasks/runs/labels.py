@@ -8,12 +8,15 @@ transaction; the records are not touched.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 from hallulens_capture.keys import prompt_hash
 from hallulens_capture.store import ActivationStore
-from hallulens_tasks.samples import SamplesError, outcome, prompt, read_samples
+from hallulens_tasks.runs.samples import SamplesError, expand, outcome, prompt, read_samples
 
 
 def _record_key(store: ActivationStore, digest: str, task: str, doc_id: object) -> str | None:
@@ -28,9 +31,9 @@ def _record_key(store: ActivationStore, digest: str, task: str, doc_id: object) 
         record = store[key]
         if record.task == task and record.doc_id == doc_id:
             return key
-    if len(candidates) == 1 and store[candidates[0]].task is None:
-        return candidates[0]
-    return None
+    # a record made without a task (`vllm serve` captures) is the sample's when it is the only one
+    untasked = [key for key in candidates if not store[key].task]
+    return untasked[0] if len(candidates) == 1 and untasked else None
 
 
 def label_store(sample_paths: list[Path], store_path: str) -> dict:
@@ -65,3 +68,23 @@ def label_store(sample_paths: list[Path], store_path: str) -> dict:
             store.put_labels(labels)
     counts = Counter(entry["label"] for entry in labels.values())
     return {"labelled": len(labels), "unmatched": unmatched, **dict(sorted(counts.items()))}
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    summary = label_store(expand(args.samples), args.store)
+    print(json.dumps(summary))
+    if summary["unmatched"]:
+        print(
+            f"{summary['unmatched']} judged samples have no record in {args.store} "
+            "(run without capture, or another store)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def register(activations: argparse._SubParsersAction) -> None:
+    """`hallulens activations label`."""
+    p = activations.add_parser("label", help="write judge verdicts of a run into the store")
+    p.add_argument("--samples", nargs="+", required=True, help="judged samples files or dirs")
+    p.add_argument("--store", required=True, help="activation store of the same run")
+    p.set_defaults(func=cmd_label)

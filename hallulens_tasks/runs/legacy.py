@@ -9,12 +9,21 @@ lists and left out of the rates, as in the harness metrics.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
 
-from hallulens_tasks.families import family_of_task
-from hallulens_tasks.samples import SamplesError, SamplesFile, outcome, read_samples, response
+from hallulens_tasks.jsonl import jsonl_line
+from hallulens_tasks.runs.samples import (
+    SamplesError,
+    SamplesFile,
+    expand,
+    outcome,
+    read_samples,
+    response,
+)
+from hallulens_tasks.task_table import family_of_task
 
 
 def _rate(values: list[bool | None]) -> float | None:
@@ -89,7 +98,7 @@ def export_legacy(sample_paths: list[Path], out: Path, model: str | None = None)
     for path in sample_paths:
         samples = read_samples(path)
         family = family_of_task(samples.task)
-        if family is None:
+        if family is None:  # a harness task run beside ours
             continue
         for row in samples.rows:
             if outcome(row) is None:
@@ -112,12 +121,27 @@ def export_legacy(sample_paths: list[Path], out: Path, model: str | None = None)
                     "model": name,
                     "timestamp": samples.timestamp,
                 }
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.write(jsonl_line(line))
         results, raws = _eval_results(family, name, items)
         (target / "eval_results.json").write_text(
             json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         with open(target / "raw_eval_res.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in raws)
+            f.writelines(jsonl_line(r) for r in raws)
         written.append(target)
     return written
+
+
+def cmd_export_legacy(args: argparse.Namespace) -> int:
+    for path in export_legacy(expand(args.samples), Path(args.out), args.model):
+        print(path)
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """`hallulens export-legacy`."""
+    p = commands.add_parser("export-legacy", help="write the seed's output/{task}/{model} files")
+    p.add_argument("--samples", nargs="+", required=True, help="judged samples files or dirs")
+    p.add_argument("--out", default="output", help="output root (default: output)")
+    p.add_argument("--model", help="model name for the directory (default: from the run)")
+    p.set_defaults(func=cmd_export_legacy)

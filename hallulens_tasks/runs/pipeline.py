@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -24,18 +23,10 @@ from pathlib import Path
 from hallulens_capture.errors import HalluLensError
 from hallulens_capture.spec import ENV_STORE_PATH
 from hallulens_tasks.prompt_sets import ENV_DATA_DIR
+from hallulens_tasks.task_table import FAMILIES, MIXED_EXPERIMENTS, SAMPLES_FILE
 
 BACKENDS = {"hf": "hallulens-hf", "vllm": "hallulens-vllm", "gguf": "hallulens-gguf"}
 BACKENDS["smallmodel"] = BACKENDS["hf"]  # the seed's name for its transformers path
-TASKS = ("precise_wikiqa", "longwiki", "nonsense_mixed_entities", "nonsense_generated_entities")
-MIXED_EXPERIMENTS = {  # the seed's --exp -> our task (the group or one subtask)
-    "nonsense_all": "nonsense_mixed_entities",
-    **{
-        f"nonsense_{kind}": f"nonsense_mixed_entities_{kind}"
-        for kind in ("medicine", "animal", "plant", "bacteria")
-    },
-}
-_SAMPLES = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$")
 
 
 class PipelineError(HalluLensError):
@@ -58,7 +49,7 @@ def latest_samples(directory: Path) -> list[Path]:
     the same task stay on disk but are not judged again)."""
     newest: dict[str, Path] = {}
     for path in directory.rglob("samples_*.jsonl"):
-        match = _SAMPLES.match(path.name)
+        match = SAMPLES_FILE.match(path.name)
         if match and "judged" not in path.parts:
             task = match["task"]
             if task not in newest or path.stat().st_mtime > newest[task].stat().st_mtime:
@@ -67,11 +58,13 @@ def latest_samples(directory: Path) -> list[Path]:
 
 
 def _harness_task(args: argparse.Namespace) -> str:
+    """The seed's task and `--exp` as a harness task: the family's group or one subtask."""
     if args.task != "nonsense_mixed_entities":
         return args.task
-    if args.exp not in MIXED_EXPERIMENTS:
+    types = MIXED_EXPERIMENTS.get(args.exp)
+    if types is None:
         raise PipelineError(f"--exp {args.exp}: expected one of {', '.join(MIXED_EXPERIMENTS)}")
-    return MIXED_EXPERIMENTS[args.exp]
+    return args.task if len(types) > 1 else f"{args.task}_{types[0]}"
 
 
 def _generate(args: argparse.Namespace, data_dir: Path) -> None:
@@ -102,7 +95,7 @@ def _infer(args: argparse.Namespace, data_dir: Path, results: Path) -> None:
     _run(command, {ENV_DATA_DIR: str(data_dir)})
 
 
-def _evaluate(args: argparse.Namespace, results: Path) -> None:
+def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> None:
     samples = latest_samples(results)
     if not samples:
         raise PipelineError(f"no samples_*.jsonl under {results}: run with --do_inference first")
@@ -128,7 +121,7 @@ def _evaluate(args: argparse.Namespace, results: Path) -> None:
             "--out",
             args.eval_results_path,
             "--model",
-            args.tested_model_name,
+            model_name,
         )
     )
 
@@ -138,16 +131,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise PipelineError(
             "nothing to do: give --do_generate_prompt, --do_inference and/or --do_eval"
         )
-    if args.task == "longwiki" and (args.do_inference or args.do_eval):
+    if not FAMILIES[args.task].in_harness and (args.do_inference or args.do_eval):
         raise PipelineError(
-            "longwiki: only --do_generate_prompt is available (its lm_eval task and claim-level "
-            "judge are not in this release)"
+            f"{args.task}: only --do_generate_prompt is available (its lm_eval task and "
+            "claim-level judge are not in this release)"
         )
     if args.N < 1:
         raise PipelineError(f"--N must be at least 1 (got {args.N})")
     data_dir = Path(args.data_dir or os.environ.get(ENV_DATA_DIR) or "data").expanduser()
     results = Path(args.results_path or Path(args.eval_results_path) / "lm_eval")
-    args.tested_model_name = Path(args.model).name if os.sep in args.model else args.model
+    model_name = Path(args.model).name if os.sep in args.model else args.model
     if args.do_generate_prompt:
         _generate(args, data_dir)
     if args.do_inference:
@@ -158,7 +151,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             )
         _infer(args, data_dir, results)
     if args.do_eval:
-        _evaluate(args, results)
+        _evaluate(args, results, model_name)
     print(f"done: seed files under {args.eval_results_path}, activations in {args.lmdb_path}")
     return 0
 
@@ -171,7 +164,7 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("task", choices=TASKS)
+    p.add_argument("task", choices=tuple(FAMILIES))
     p.add_argument("--do_generate_prompt", action="store_true", help="step 1: build the prompt set")
     p.add_argument("--do_inference", action="store_true", help="step 2: answer it with lm_eval")
     p.add_argument("--do_eval", action="store_true", help="step 3: judge, label, seed files")

@@ -1,17 +1,16 @@
 """The harness's `samples_<task>_<datetime>.jsonl` files, as `hallulens judge`, `activations
-label` and `export-legacy` read them."""
+label`, `export-legacy` and the pipeline read them."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from hallulens_capture.errors import HalluLensError
-
-_NAME = re.compile(r"^samples_(?P<task>.+)_(?P<stamp>\d{4}-\d{2}-\d{2}T[\d.\-]+)\.jsonl$")
+from hallulens_tasks.jsonl import read_jsonl
+from hallulens_tasks.task_table import SAMPLES_FILE
 
 
 class SamplesError(HalluLensError, ValueError):
@@ -73,25 +72,15 @@ def outcome(row: dict) -> dict | None:
 
 def read_samples(path: str | Path) -> SamplesFile:
     path = Path(path)
-    match = _NAME.match(path.name)
+    match = SAMPLES_FILE.match(path.name)
     if match is None:
         raise SamplesError(
             f"{path}: not a harness samples file name (samples_<task>_<datetime>.jsonl)"
         )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SamplesError(f"{path}: cannot read: {exc}") from None
     rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SamplesError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("doc"), dict):
-            raise SamplesError(f'{path}:{number}: not a harness sample (no "doc")')
+    for where, row in read_jsonl(path, SamplesError):
+        if not isinstance(row.get("doc"), dict):
+            raise SamplesError(f'{where}: not a harness sample (no "doc")')
         rows.append(row)
     return SamplesFile(path, match["task"], match["stamp"], rows)
 
