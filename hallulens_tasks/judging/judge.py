@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hallulens_tasks.judging.settings import JudgeSettings
-from hallulens_tasks.llm.client import CallStats, LLMClient, Prompt
+from hallulens_tasks.llm.client import LLMClient, Prompt
 
 if TYPE_CHECKING:
     from hallulens_tasks.judging.scoring import Scoring
@@ -36,19 +36,14 @@ class Judgement:
     attempts: int
 
 
-class Judge:
+class Judge(LLMClient):
+    """The LLM client of a judge: items in, verdicts out."""
+
+    settings: JudgeSettings
+
     def __init__(self, settings: JudgeSettings):
-        self.settings = settings
+        super().__init__(settings, label="Judging")
         self.unparseable = 0
-        self._client = LLMClient(settings, label="Judging")
-
-    @property
-    def name(self) -> str:
-        return self._client.name
-
-    @property
-    def stats(self) -> CallStats:
-        return self._client.stats
 
     def run(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         results: list[Judgement | None] = [None] * len(items)
@@ -58,7 +53,7 @@ class Judge:
         for attempt in range(1 + (self.settings.parse_retries if varies else 0)):
             if not todo:
                 break
-            replies = self._client.ask(
+            replies = self.ask(
                 [Prompt(items[i].template, items[i].values) for i in todo],
                 self.settings.sampling,
                 attempt=attempt,
@@ -73,9 +68,6 @@ class Judge:
             todo = retry
         self.unparseable += len(todo)
         return results  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def judge_task(scoring: Scoring, docs: Sequence[dict], responses: Sequence[str]) -> list[dict]:
