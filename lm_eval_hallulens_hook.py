@@ -1,14 +1,20 @@
 """Start-up hook of lm-eval-hallulens, imported by `lm_eval_hallulens.pth` in every interpreter.
 
 lm-eval up to 0.4.13 has no plugin discovery. This module only puts a finder on
-`sys.meta_path` that answers None for every module except `lm_eval.api.registry` and
-`lm_eval.tasks`; when one of those has executed, `hallulens_models.registration` registers our
-models or task directory. Nothing else is imported here: this runs at every interpreter start.
+`sys.meta_path` that answers None for every module except `lm_eval.api.registry`,
+`lm_eval.tasks` and `lm_eval.api.group`; when one of those has executed,
+`hallulens_models.registration` registers our models or task directory, or makes group rows
+pool HalluLens rates over items. Nothing else is imported here: this runs at every interpreter
+start.
 """
 
 import sys
 
-_AFTER_IMPORT = {"lm_eval.api.registry": "register_models", "lm_eval.tasks": "add_task_dir"}
+_AFTER_IMPORT = {
+    "lm_eval.api.registry": "register_models",
+    "lm_eval.tasks": "add_task_dir",
+    "lm_eval.api.group": "pool_group_rows",
+}
 
 
 def _then(module):

@@ -34,7 +34,7 @@ def _gguf_shape(path: str) -> tuple[int, int]:
 
 @register_model("hallulens-gguf")
 class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
-    """`hallulens-gguf`: LlamaCppLM plus capture with `activations=` (see the README's model_args table)."""
+    """`hallulens-gguf`: LlamaCppLM plus capture with `activations=` (README: model_args)."""
 
     def __init__(self, pretrained: str = "smollm2", **kwargs) -> None:
         spec = self._capture_spec(kwargs)

@@ -6,6 +6,8 @@
   (lm-eval imports its built-in models only when the registry is empty).
 - `add_task_dir`: after `lm_eval.tasks` executes, make `TaskManager` index our task directory
   before any `--include_path`, so a user's own paths still take precedence.
+- `pool_group_rows`: after `lm_eval.api.group` executes, make group rows of HalluLens rates the
+  pooled ratio over items (see `hallulens_tasks.judging.group_rows`).
 
 Releases that read the `lm_eval.models` entry points (pyproject.toml) register the models
 themselves, and then the registry is left alone.
@@ -63,3 +65,10 @@ def add_task_dir(tasks: ModuleType) -> None:
     __init__._hallulens = True  # type: ignore[attr-defined]
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
     manager.__init__ = __init__
+
+
+def pool_group_rows(group: ModuleType) -> None:
+    from hallulens_tasks.judging.group_rows import pool_groups
+
+    if hasattr(group, "Group"):  # lm-eval releases before 0.4.11 aggregate groups elsewhere
+        pool_groups(group.Group)

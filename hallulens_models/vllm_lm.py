@@ -1,8 +1,9 @@
 """`hallulens-vllm`: the harness's VLLM model, plus activation capture inside vLLM's engine.
 
 Everything the parent does is untouched (loglikelihood, batching, chat templates, tensor
-parallel, `max_model_len`, `gpu_memory_utilization`). With `activations=PATH` the engine runs our
-worker class (`vllm_worker.CaptureWorker`), which records the chosen layers of every tagged
+parallel, `max_model_len`, `gpu_memory_utilization`), except that a CPU engine reserves a share
+of RAM that fits (`vllm_defaults`) when the user sets none. With `activations=PATH` the engine
+runs our worker class (`vllm_worker.CaptureWorker`), which records the chosen layers of every tagged
 request; `_model_generate` tags the generate requests, and after vLLM returns collects each
 request's rows and hands them to the shared record writer.
 
@@ -26,6 +27,7 @@ from hallulens_models import vllm_capture as capture
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
 from hallulens_models.model_config import text_config
+from hallulens_models.vllm_defaults import cpu_memory_default
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class HalluLensVLLM(CaptureMixin, VLLM):
     ) -> None:
         spec = self._capture_spec(kwargs)
         model_name, pretrained = pretrained, resolve_pretrained(pretrained)
+        kwargs.update(cpu_memory_default(kwargs))
         layer_ids: list[int] = []
         if spec is not None:
             text = text_config(pretrained, kwargs)

@@ -10,6 +10,7 @@ NAME`), one judge procedure, one folder of seed files. In the harness a family i
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -104,6 +105,11 @@ def family_of_task(task: str) -> Family | None:
         if task == family.name or task in family.harness_tasks:
             return family
     return None
+
+
+def harness_task(family: Family, doc: Mapping) -> str:
+    """The harness task of `family` whose rows include `doc`."""
+    return next((s.name for s in family.subtasks if doc.get(s.field) == s.value), family.name)
 
 
 def shipped_prompt_set(family: str) -> Path:

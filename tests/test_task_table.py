@@ -1,4 +1,4 @@
-"""The task table is the one declaration of HalluLens tasks: the YAMLs lm-eval reads agree with it."""
+"""The task table is the one declaration of HalluLens tasks; the YAMLs lm-eval reads agree."""
 
 from __future__ import annotations
 

@@ -233,3 +233,33 @@ def test_capture_works_with_torch_compile(tmp_path, reference_model):
     three_prompts_match_hf(
         tmp_path, reference_model, "hallulens-vllm (torch.compile)", enforce_eager=False
     )
+
+
+def test_embedded_model_runs_with_default_engine_settings(tmp_path):
+    """No gpu_memory_utilization and no VLLM_CPU_KVCACHE_SPACE: vLLM's own default (0.9 of RAM)
+    does not fit a CPU machine that runs anything else; the backend picks a share that does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lm_eval"),
+            "--model",
+            "hallulens-vllm",
+            "--model_args",
+            "pretrained=smollm2,enforce_eager=True",
+            "--tasks",
+            "hallulens_demo",
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gpu_memory_utilization (the share of RAM it reserves) set to" in result.stderr
+    assert "answer_mentioned" in result.stdout

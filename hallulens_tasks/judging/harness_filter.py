@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 from lm_eval.api.filter import Filter
 
+from hallulens_tasks.judging.group_rows import TASK_RATES
 from hallulens_tasks.judging.judge import judge_task
-from hallulens_tasks.judging.scoring import SCORINGS, Scoring
+from hallulens_tasks.judging.scoring import SCORINGS, Scoring, pooled_rates
+from hallulens_tasks.task_table import FAMILIES, harness_task
 
 
 class _TaskBatch:
@@ -28,6 +30,9 @@ class _TaskBatch:
     def outcome(self, i: int) -> dict:
         if self.outcomes is None:
             self.outcomes = judge_task(self.scoring, self.docs, self.responses)
+            items = map(self.scoring.metrics, self.docs, self.outcomes)
+            task = harness_task(FAMILIES[self.scoring.name], self.docs[0])
+            TASK_RATES[task] = (len(self.docs), pooled_rates(items))
         return self.outcomes[i]
 
 

@@ -15,19 +15,12 @@ from pathlib import Path
 
 from hallulens_tasks import task_configs
 from hallulens_tasks.jsonl import jsonl_line
+from hallulens_tasks.judging.group_rows import FILTER, metric_entries, pooled
 from hallulens_tasks.judging.judge import judge_task
-from hallulens_tasks.judging.scoring import Scoring, scoring_for_task
+from hallulens_tasks.judging.scoring import Rate, Scoring, pooled_rates, scoring_for_task
 from hallulens_tasks.runs.samples import SamplesError, SamplesFile, expand, read_samples, response
 
 log = logging.getLogger(__name__)
-
-FILTER = "judge"
-
-
-def _aggregate(values: list[float]) -> tuple[float, float | str]:
-    from lm_eval.api.metrics import mean, mean_stderr
-
-    return mean(values), (mean_stderr(values) if len(values) > 1 else "N/A")
 
 
 @dataclass
@@ -36,67 +29,43 @@ class JudgedRun:
     path: Path  # where it was written
 
 
-def judge_file(samples: SamplesFile, scoring: Scoring) -> tuple[list[dict], dict]:
-    """Judge one task's samples: (rows with verdicts and metrics, the task's results entry)."""
+def judge_file(samples: SamplesFile, scoring: Scoring) -> tuple[list[dict], dict[str, Rate]]:
+    """Judge one task's samples: (rows with verdicts and per-item metrics, the task's rates)."""
     docs = [row["doc"] for row in samples.rows]
     outcomes = judge_task(scoring, docs, [response(row) for row in samples.rows])
-    per_metric: dict[str, list[float]] = {}
-    rows = []
-    for row, doc, result in zip(samples.rows, docs, outcomes, strict=True):
-        metrics = scoring.metrics(doc, result)
-        for name, value in metrics.items():
-            per_metric.setdefault(name, []).append(value)
-        rows.append(
-            {
-                **{k: v for k, v in row.items() if k not in ("bypass", *row.get("metrics", ()))},
-                "filtered_resps": [json.dumps(result, ensure_ascii=False)],
-                "filter": FILTER,
-                "metrics": list(metrics),
-                **metrics,
-            }
-        )
-    alias = task_configs.configs().get(samples.task, {}).get("task_alias", samples.task)
-    entry: dict = {"alias": alias, "name": samples.task}
-    for name, values in per_metric.items():
-        value, stderr = _aggregate(values)
-        entry[f"{name},{FILTER}"] = value
-        entry[f"{name}_stderr,{FILTER}"] = stderr
-    entry["sample_len"] = len(rows)
-    return rows, entry
+    items = [scoring.metrics(doc, result) for doc, result in zip(docs, outcomes, strict=True)]
+    rows = [
+        {
+            **{k: v for k, v in row.items() if k not in ("bypass", *row.get("metrics", ()))},
+            "filtered_resps": [json.dumps(result, ensure_ascii=False)],
+            "filter": FILTER,
+            "metrics": list(metrics),
+            **metrics,
+        }
+        for row, result, metrics in zip(samples.rows, outcomes, items, strict=True)
+    ]
+    return rows, pooled_rates(items)
 
 
-def aggregate_groups(results: dict[str, dict]) -> dict[str, dict]:
-    """Group rows from leaf-task rows, as the harness computes them (size-weighted, pooled)."""
-    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
+def _task_row(task: str, rates: dict[str, Rate], n_docs: int) -> dict:
+    alias = task_configs.configs().get(task, {}).get("task_alias", task)
+    return {"alias": alias, "name": task, **metric_entries(rates), "sample_len": n_docs}
 
+
+def group_rows(rates: dict[str, dict[str, Rate]], sizes: dict[str, int]) -> dict[str, dict]:
+    """Rows of every group with members among the judged tasks: pooled over their items."""
     out = {}
     for name, config in task_configs.groups().items():
-        leaves = [t for t in task_configs.leaf_tasks(name) if t in results]
+        leaves = [t for t in task_configs.leaf_tasks(name) if t in rates]
         if not leaves:
             continue
-        entry: dict = {
+        metrics = [spec["metric"] for spec in config.get("aggregate_metric_list", [])]
+        out[name] = {
             "alias": config.get("group_alias", name),
             "name": name,
-            "sample_len": sum(results[t]["sample_len"] for t in leaves),
+            "sample_len": sum(sizes[t] for t in leaves),
+            **metric_entries(pooled((rates[t] for t in leaves), metrics)),
         }
-        for spec in config.get("aggregate_metric_list", []):
-            key = f"{spec['metric']},{FILTER}"
-            stderr_key = f"{spec['metric']}_stderr,{FILTER}"
-            having = [t for t in leaves if key in results[t]]
-            if not having:
-                continue
-            sizes = [results[t]["sample_len"] for t in having]
-            weighted = spec.get("weight_by_size", True)
-            entry[key] = aggregate_subtask_metrics(
-                [results[t][key] for t in having], sizes, weighted
-            )
-            stderrs = [results[t][stderr_key] for t in having]
-            entry[stderr_key] = (
-                pooled_sample_stderr(stderrs, sizes)
-                if weighted and "N/A" not in stderrs and sum(sizes) > len(sizes)
-                else "N/A"
-            )
-        out[name] = entry
     return out
 
 
@@ -109,17 +78,20 @@ def judge_run(paths: list[Path], output_dir: Path | None) -> JudgedRun:
     if not ours:
         raise SamplesError("no HalluLens samples files among the inputs")
     results: dict[str, dict] = {}
+    rates: dict[str, dict[str, Rate]] = {}
+    sizes: dict[str, int] = {}
     base: dict = {}
     for samples, scoring in ours:
         out_dir = output_dir or samples.path.parent / "judged"
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows, entry = judge_file(samples, scoring)
-        results[samples.task] = entry
+        rows, rates[samples.task] = judge_file(samples, scoring)
+        sizes[samples.task] = len(rows)
+        results[samples.task] = _task_row(samples.task, rates[samples.task], len(rows))
         target = out_dir / samples.path.name
         target.write_text("".join(map(jsonl_line, rows)), encoding="utf-8")
         if not base and samples.results_file():
             base = json.loads(samples.results_file().read_text(encoding="utf-8"))
-    groups = aggregate_groups(results)
+    groups = group_rows(rates, sizes)
     versions = base.get("versions", {})
     judged = {
         **base,

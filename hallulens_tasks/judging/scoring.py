@@ -1,14 +1,21 @@
-"""Scoring rules: what each HalluLens family asks its judge, and how verdicts become labels
-and metrics.
+"""Scoring rules: what each HalluLens family asks its judge, how verdicts become one label per
+item, and the one rule that turns labels into rates.
 
-One place for the rules, used both by the in-harness judge filter and by `hallulens judge`
-over a samples file, so both give the same numbers. Metric definitions are HalluLens' (its
-paper and evaluation code); an item whose judge reply cannot be parsed only counts in
-`judge_unparseable` and is left out of every rate.
+Every output comes from here: the harness's per-item metrics (whose means the harness reports),
+`hallulens judge`, group rows and the seed's `eval_results.json`. The rule: each item gets one
+label (`correct`, `hallucinated`, `refused`, `unparseable`); an item whose label cannot be told
+(any judge reply unreadable) counts only in `judge_unparseable` and is left out of every rate;
+each rate is a share of the items it is defined over, so a group's rate is the pooled ratio over
+its members' items. A refused item is never correct, so HalluLens' Correct = (1 - refusal) x
+(1 - hallu) holds exactly (upstream's code counts a refusal the correctness judge calls CORRECT
+as correct; its paper and README do not).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 
 from hallulens_tasks.judging.judge import JudgeItem, Judgement
@@ -30,6 +37,39 @@ def _judged(judgement: Judgement) -> dict:
     return {"raw": judgement.raw, "verdict": judgement.verdict, "attempts": judgement.attempts}
 
 
+@dataclass(frozen=True)
+class Rate:
+    """A share: `hits` of the `n` items it is defined over (per-item values are 0 or 1)."""
+
+    hits: float
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.n
+
+    @property
+    def stderr(self) -> float | str:
+        """The harness's standard error of a mean, for 0/1 items: sqrt(p (1 - p) / (n - 1))."""
+        if self.n < 2:
+            return "N/A"
+        p = self.value
+        return math.sqrt(max(p * (1 - p), 0.0) / (self.n - 1))
+
+    def __add__(self, other: Rate) -> Rate:
+        return Rate(self.hits + other.hits, self.n + other.n)
+
+
+def pooled_rates(items: Iterable[Mapping[str, float]]) -> dict[str, Rate]:
+    """The one rule: each metric over the items that have it (`Scoring.metrics` leaves a rate
+    out where it is not defined, as the harness's mean does)."""
+    rates: dict[str, Rate] = {}
+    for metrics in items:
+        for name, value in metrics.items():
+            rates[name] = rates.get(name, Rate(0.0, 0)) + Rate(value, 1)
+    return rates
+
+
 class Scoring:
     """The rules of one family (task_table): judge prompts per item, label, per-item metrics."""
 
@@ -43,11 +83,13 @@ class Scoring:
         raise NotImplementedError
 
     def metrics(self, doc: dict, outcome: dict) -> dict[str, float]:
+        """Per-item values of the rates (0 or 1), only those defined for the item's label."""
         raise NotImplementedError
 
 
 class PreciseWikiQAScoring(Scoring):
-    """Abstention judge and correctness judge on every answer (as upstream)."""
+    """Abstention judge and correctness judge on every answer, as upstream: both verdicts stay in
+    the samples; a refusal is `refused` whatever the correctness judge said."""
 
     name = "precise_wikiqa"
     default_judge = LLAMA_70B
@@ -79,13 +121,15 @@ class PreciseWikiQAScoring(Scoring):
         }
 
     def metrics(self, doc: dict, outcome: dict) -> dict[str, float]:
-        if outcome["label"] == "unparseable":
+        label = outcome["label"]
+        if label == "unparseable":
             return {"judge_unparseable": 1.0}
-        abstaining = outcome["judgements"]["abstention"]["verdict"]
-        correct = outcome["judgements"]["correctness"]["verdict"] == "correct"
-        rates = {"refusal_rate": float(abstaining), "correct_rate": float(correct)}
-        if not abstaining:
-            rates["hallu_rate"] = float(not correct)
+        rates = {
+            "refusal_rate": float(label == "refused"),
+            "correct_rate": float(label == "correct"),
+        }
+        if label != "refused":
+            rates["hallu_rate"] = float(label == "hallucinated")
         out = {"judge_unparseable": 0.0, **rates}
         if isinstance(doc.get("h_score_cat"), int):
             out.update({f"{name}_cat{doc['h_score_cat']}": v for name, v in rates.items()})

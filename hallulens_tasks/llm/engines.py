@@ -156,8 +156,10 @@ class VLLMBackend:
                 f"{settings.role} {settings.spec} needs vLLM: pip install 'lm-eval-hallulens[vllm]'"
             ) from None
         from hallulens_models.embedded import resolve_pretrained
+        from hallulens_models.vllm_defaults import cpu_memory_default
 
         args = {k: _typed(v) for k, v in settings.model_args.items()}
+        args.update(cpu_memory_default(args))
         self._llm = LLM(model=resolve_pretrained(settings.spec.model), **args)
         self._params = SamplingParams
 

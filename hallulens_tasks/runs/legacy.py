@@ -1,10 +1,17 @@
 """`hallulens export-legacy`: judged samples -> the seed's `output/{task}/{model}/` files.
 
-`generation.jsonl` (prompt-set fields + generation, model, timestamp), `eval_results.json`
-(upstream's field names, misspellings included, so old analysis scripts read it) and
-`raw_eval_res.jsonl` (the judge's raw text per item). The subtasks of a family go into one
-directory, as upstream ran them as one task. Unparseable verdicts are null in the per-item
-lists and left out of the rates, as in the harness metrics.
+Written so that readers made for upstream HalluLens' files read them unchanged:
+`generation.jsonl` (prompt-set fields + `generation`, `model`, `timestamp`; generated entities
+also carry upstream's `type_`), `eval_results.json` (upstream's field names, misspellings and
+types: rates as numbers, evaluators as strings, per-item lists of booleans aligned with
+`generation.jsonl`), `raw_eval_res.jsonl` (the judge's raw text per item) and, for
+PreciseWikiQA, upstream's `abstain_eval_raw.jsonl` (`{"eval_res": ...}`, which upstream resumes
+from). The rates are the scoring module's, over the same items as the harness's.
+
+Items whose judge reply could not be read have no verdict, so they are not in those aligned
+files (a `null` inside a boolean list turns into False in numpy and breaks pandas masks): they
+go to `unparseable.jsonl` with their raw replies, and `judge_unparseable` counts them. The
+subtasks of a family share one directory, as upstream ran them as one task.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hallulens_tasks.jsonl import jsonl_line
+from hallulens_tasks.judging.scoring import SCORINGS, Rate, pooled_rates
 from hallulens_tasks.runs.samples import (
     SamplesError,
     SamplesFile,
@@ -24,11 +32,6 @@ from hallulens_tasks.runs.samples import (
     response,
 )
 from hallulens_tasks.task_table import family_of_task
-
-
-def _rate(values: list[bool | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
 
 
 def model_name(samples: SamplesFile) -> str:
@@ -46,88 +49,108 @@ def model_name(samples: SamplesFile) -> str:
     return samples.path.parent.name
 
 
-def _eval_results(family: str, model: str, items: list[tuple[dict, dict]]) -> tuple[dict, list]:
-    def verdict(result: dict, role: str):
-        return result["judgements"][role]["verdict"]
+def _evaluator(items: list[tuple[SamplesFile, dict, dict]]) -> str:
+    return ", ".join(sorted({str(result.get("judge")) for _, _, result in items}))
 
-    def raw(result: dict, role: str) -> str:
-        return result["judgements"][role]["raw"]
 
-    judges = {r.get("judge") for _, r in items}
+def _raw(result: dict, role: str) -> str:
+    return result["judgements"][role]["raw"]
+
+
+def _eval_results(family: str, model: str, scored: list, rates: dict[str, Rate]) -> dict:
+    """eval_results.json of upstream's `family` over the `scored` (samples, row, outcome)s."""
+    labels = [result["label"] for _, _, result in scored]
+    value = {name: rate.value for name, rate in rates.items()}
     if family == "precise_wikiqa":
-        abstained = [verdict(r, "abstention") for _, r in items]
-        labels = [verdict(r, "correctness") for _, r in items]
-        hallucinated = [None if lab is None else lab != "correct" for lab in labels]
-        answered = [h for a, h in zip(abstained, hallucinated, strict=True) if a is False]
-        correct = [None if h is None else not h for h in hallucinated]
-        results = {
+        return {
             "model": model,
-            "halu_Rate": _rate(answered),
-            "refusal_rate": _rate(abstained),
-            "correct_rate": _rate(correct),
-            "evaluator_abstantion": sorted(judges),
-            "evaluator_hallucination": sorted(judges),
-            "abstantion": abstained,
-            "halu_test_res": hallucinated,
-            "abstantion_raw_generation": [raw(r, "abstention") for _, r in items],
-            "is_hallucinated_raw_generation": [raw(r, "correctness") for _, r in items],
+            "halu_Rate": value.get("hallu_rate", 0.0),  # upstream: 0 when all were refused
+            "refusal_rate": value.get("refusal_rate", 0.0),
+            "correct_rate": value.get("correct_rate", 0.0),
+            "evaluator_abstantion": _evaluator(scored),
+            "evaluator_hallucination": _evaluator(scored),
+            "abstantion": [label == "refused" for label in labels],
+            "halu_test_res": [label != "correct" for label in labels],
+            "abstantion_raw_generation": [_raw(r, "abstention") for _, _, r in scored],
+            "is_hallucinated_raw_generation": [_raw(r, "correctness") for _, _, r in scored],
         }
-        raws = [
-            {"eval_res": raw(r, "correctness"), "abstain_eval_res": raw(r, "abstention")}
-            for _, r in items
-        ]
-    else:
-        believes = [verdict(r, "belief") for _, r in items]
-        refused = [None if b is None else not b for b in believes]
-        refusal = _rate(refused)
-        results = {
-            "model": model,
-            "false_acceptance_rate": None if refusal is None else 1 - refusal,
-            "refusal_rate": refusal,
-            "refusal_eval_raw": refused,
-            "evaluator": sorted(judges),
+    return {
+        "model": model,
+        "false_acceptance_rate": value.get("false_acceptance_rate", 0.0),
+        "refusal_rate": value.get("refusal_rate", 0.0),
+        "refusal_eval_raw": [label == "refused" for label in labels],
+        "evaluator": _evaluator(scored),
+    }
+
+
+def _raw_files(family: str, results: list[dict]) -> dict[str, list[dict]]:
+    """The raw judge replies, one line per item of generation.jsonl, under upstream's names."""
+    if family == "precise_wikiqa":
+        return {
+            "raw_eval_res.jsonl": [
+                {"eval_res": _raw(r, "correctness"), "abstain_eval_res": _raw(r, "abstention")}
+                for r in results
+            ],
+            "abstain_eval_raw.jsonl": [{"eval_res": _raw(r, "abstention")} for r in results],
         }
-        raws = [{"eval_res": raw(r, "belief")} for _, r in items]
-    results["judge_unparseable"] = sum(r["label"] == "unparseable" for _, r in items)
-    return results, raws
+    return {"raw_eval_res.jsonl": [{"eval_res": _raw(r, "belief")} for r in results]}
+
+
+def _generation_row(family: str, model: str, samples: SamplesFile, row: dict) -> dict:
+    line = {**row["doc"], "generation": response(row), "model": model}
+    line["timestamp"] = samples.timestamp
+    if family == "nonsense_generated_entities":
+        line["type_"] = row["doc"]["type"]  # upstream's column name
+    return line
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(map(jsonl_line, rows))
 
 
 def export_legacy(sample_paths: list[Path], out: Path, model: str | None = None) -> list[Path]:
-    """Write the seed's three files per (family, model); returns the directories written."""
-    grouped: dict[tuple[str, str], list[tuple[SamplesFile, dict]]] = defaultdict(list)
+    """Write the seed's files per (family, model); returns the directories written."""
+    grouped: dict[tuple[str, str], list[tuple[SamplesFile, dict, dict]]] = defaultdict(list)
     for path in sample_paths:
         samples = read_samples(path)
         family = family_of_task(samples.task)
         if family is None:  # a harness task run beside ours
             continue
         for row in samples.rows:
-            if outcome(row) is None:
+            result = outcome(row)
+            if result is None:
                 raise SamplesError(
                     f"{path}: doc {row.get('doc_id')} has no judge verdict; judge it first"
                 )
-            grouped[(family.name, model or model_name(samples))].append((samples, row))
+            grouped[(family.name, model or model_name(samples))].append((samples, row, result))
     if not grouped:
         raise SamplesError("no judged HalluLens samples among the inputs")
     written = []
-    for (family, name), rows in sorted(grouped.items()):
+    for (family, name), items in sorted(grouped.items()):
         target = out / family / name
         target.mkdir(parents=True, exist_ok=True)
-        items = [(row["doc"], outcome(row)) for _, row in rows]
-        with open(target / "generation.jsonl", "w", encoding="utf-8") as f:
-            for samples, row in rows:
-                line = {
-                    **row["doc"],
-                    "generation": response(row),
-                    "model": name,
-                    "timestamp": samples.timestamp,
-                }
-                f.write(jsonl_line(line))
-        results, raws = _eval_results(family, name, items)
+        scoring = SCORINGS[family]
+        rates = pooled_rates(scoring.metrics(row["doc"], result) for _, row, result in items)
+        scored = [item for item in items if item[2]["label"] != "unparseable"]
+        left_out = [item for item in items if item[2]["label"] == "unparseable"]
+        _write_jsonl(
+            target / "generation.jsonl", (_generation_row(family, name, *i[:2]) for i in scored)
+        )
+        results = _eval_results(family, name, scored, rates)
+        results["judge_unparseable"] = len(left_out)
         (target / "eval_results.json").write_text(
             json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        with open(target / "raw_eval_res.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(jsonl_line(r) for r in raws)
+        for filename, raws in _raw_files(family, [r for _, _, r in scored]).items():
+            _write_jsonl(target / filename, raws)
+        _write_jsonl(
+            target / "unparseable.jsonl",
+            (
+                {**_generation_row(family, name, samples, row), "judgements": r["judgements"]}
+                for samples, row, r in left_out
+            ),
+        )
         written.append(target)
     return written
 
