@@ -23,3 +23,7 @@ class RecordFormatError(StoreError):
 
 class CaptureError(HalluLensError, RuntimeError):
     """The engine did not give what capture needs; nothing is stored rather than garbage."""
+
+
+class Interrupted(HalluLensError):
+    """The user stopped a long step (Ctrl-C); what was done so far is kept."""

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from hallulens_capture import cli as store_cli
-from hallulens_capture.errors import HalluLensError
+from hallulens_capture.errors import HalluLensError, Interrupted
 from hallulens_models import cli as models_cli
 from hallulens_tasks.generation import cli as generate_cli
 from hallulens_tasks.judging import offline
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"hallulens: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("hallulens: interrupted", file=sys.stderr)
+        return 130
     except HalluLensError as exc:
         print(f"hallulens: error: {exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@
 `download` fetches upstream files into a resumable, checksum-aware cache; `sources` reads each
 source in its upstream format; `mixed_entities` builds the MixedEntities names; `wiki` the
 PreciseWikiQA and LongWiki questions (with `sections`), `generated_entities` the
-GeneratedEntities names, both through `llm` (the judge's backends and cache); `writer` writes
-prompts.jsonl + manifest.json; `cli` is the command. Nothing here imports an engine until a
-generator call misses the cache: generating a prompt set needs no GPU.
+GeneratedEntities names, both through `llm` (a generator on the project's one LLM client,
+`hallulens_tasks.llm`); `seeding` gives every random draw; `writer` writes prompts.jsonl +
+manifest.json; `cli` is the command. Nothing here imports an engine until a generator call
+misses the cache: generating a prompt set needs no GPU.
 """

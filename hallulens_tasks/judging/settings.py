@@ -14,12 +14,13 @@ from hallulens_capture.options import checked_number
 from hallulens_tasks.llm.cache import cache_path_setting
 from hallulens_tasks.llm.settings import (
     DEFAULT_BASE_URL,
+    ENV_OPENAI_BASE_URL,
     LLMSettings,
     api_key,
     parse_model_args,
     server_url,
 )
-from hallulens_tasks.llm.spec import LLMError, LLMSpec
+from hallulens_tasks.llm.spec import BACKENDS, LLMError, LLMSpec, backend_class
 
 ENV_JUDGE = "HALLULENS_JUDGE"
 ENV_BASE_URL = "HALLULENS_JUDGE_BASE_URL"
@@ -52,6 +53,12 @@ def _env_flag(name: str) -> bool:
     raise LLMError(f"{name}={raw!r}: use 1 or 0")
 
 
+def _judge_server_url() -> str:
+    chosen = os.environ.get(ENV_BASE_URL)
+    origin = ENV_BASE_URL if chosen else ENV_OPENAI_BASE_URL
+    return server_url(chosen, f"judge base URL (${origin})")
+
+
 @dataclass(frozen=True)
 class JudgeSettings(LLMSettings):
     """An LLM used as a judge: greedy, bounded replies, re-asked when unreadable."""
@@ -75,11 +82,7 @@ class JudgeSettings(LLMSettings):
         spec = LLMSpec.parse(raw, ENV_JUDGE) if raw else LLMSpec("openai", default_model)
         settings = cls(
             spec=spec,
-            base_url=(
-                server_url(os.environ.get(ENV_BASE_URL), f"judge base URL (${ENV_BASE_URL})")
-                if spec.backend == "openai"
-                else DEFAULT_BASE_URL
-            ),
+            base_url=(_judge_server_url() if spec.backend == "openai" else DEFAULT_BASE_URL),
             api_key=api_key(),
             model_args=parse_model_args(os.environ.get(ENV_MODEL_ARGS), ENV_MODEL_ARGS),
             concurrency=int(_env_number(ENV_CONCURRENCY, 16, 1)),
@@ -90,9 +93,10 @@ class JudgeSettings(LLMSettings):
             max_tokens=int(_env_number(ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS, 1)),
             constrained=_env_flag(ENV_CONSTRAINED),
         )
-        if settings.constrained and settings.spec.backend not in ("gguf", "vllm"):
+        if settings.constrained and not backend_class(settings.spec.backend).constrained:
+            able = [name for name in BACKENDS if backend_class(name).constrained]
             raise LLMError(
                 f"{ENV_CONSTRAINED}=1 (replies restricted to the verdict formats) is implemented "
-                f"for gguf and vllm judges, not {settings.spec}"
+                f"for {' and '.join(able)} judges, not {settings.spec}"
             )
         return settings

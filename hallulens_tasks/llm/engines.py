@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from hallulens_tasks.llm.settings import LLMSettings
-from hallulens_tasks.llm.spec import LLMError
+from hallulens_tasks.llm.spec import LLMError, backend_class
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class HFBackend:
     A sampling `seed` seeds torch before each chunk, so sampled replies depend on the chunk
     they are in (the other engines seed each request).
     """
+
+    in_process = True
+    constrained = False
 
     def __init__(self, settings: LLMSettings):
         import torch
@@ -99,6 +102,9 @@ class GGUFBackend:
     verdicts (constrained decoding), so even a small judge always answers in format.
     """
 
+    in_process = True
+    constrained = True
+
     def __init__(self, settings: LLMSettings):
         try:
             from llama_cpp import Llama
@@ -148,6 +154,9 @@ class VLLMBackend:
     through vLLM's structured outputs (`choice`).
     """
 
+    in_process = True
+    constrained = True
+
     def __init__(self, settings: LLMSettings):
         try:
             from vllm import LLM, SamplingParams
@@ -196,13 +205,11 @@ _LOADED: dict[tuple, object] = {}
 
 def backend_for(settings: LLMSettings):
     """The backend for `settings`; in-process engines are loaded once per process."""
-    if settings.spec.backend == "openai":
-        from hallulens_tasks.llm.server import OpenAIBackend
-
-        return OpenAIBackend(settings)
+    backend = backend_class(settings.spec.backend)
+    if not backend.in_process:
+        return backend(settings)
     key = (settings.spec, tuple(sorted(settings.model_args.items())))
     if key not in _LOADED:
-        engine = {"hf": HFBackend, "gguf": GGUFBackend, "vllm": VLLMBackend}[settings.spec.backend]
         log.info("loading %s %s", settings.role, settings.spec)
-        _LOADED[key] = engine(settings)
+        _LOADED[key] = backend(settings)
     return _LOADED[key]

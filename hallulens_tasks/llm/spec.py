@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from hallulens_capture.errors import HalluLensError
 
-BACKENDS = ("openai", "vllm", "hf", "gguf")
+# backend name -> the class that answers its prompts, imported only when that backend is used
+# (a new backend is one line here and one class with `complete()` and two flags: `in_process`,
+# loaded once and kept for the process; `constrained`, can restrict replies to given choices)
+BACKENDS = {
+    "openai": "hallulens_tasks.llm.server:OpenAIBackend",
+    "gguf": "hallulens_tasks.llm.engines:GGUFBackend",
+    "vllm": "hallulens_tasks.llm.engines:VLLMBackend",
+    "hf": "hallulens_tasks.llm.engines:HFBackend",
+}
 
 
 class LLMError(HalluLensError):
@@ -35,3 +44,8 @@ class LLMSpec:
 
     def __str__(self) -> str:
         return f"{self.backend}:{self.model}"
+
+
+def backend_class(backend: str) -> type:
+    module, _, name = BACKENDS[backend].partition(":")
+    return getattr(importlib.import_module(module), name)
