@@ -9,10 +9,11 @@ The engine glue queues one `CapturedSample` per output in the same order via `_c
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import defaultdict, deque
 
-from hallulens_capture.errors import CaptureError
+from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest, canonical_json
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.harness_cli import join_harness_cli
@@ -75,6 +76,19 @@ class _OutputRouter:
         return getattr(self._hook, name)
 
 
+def _refuse_misspelled(kwargs: dict) -> None:
+    """A model_arg that looks like a capture option but is none would be passed on to the engine
+    (llama.cpp takes any keyword, transformers fails after loading the weights): stop now."""
+    for name in kwargs:
+        close = difflib.get_close_matches(name, CAPTURE_ARGS, n=1, cutoff=0.75)
+        if name not in CAPTURE_ARGS and (name.startswith("capture") or close):
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise CaptureConfigError(
+                f"unknown capture option {name}={kwargs[name]!r}{hint} "
+                f"(capture options: {', '.join(CAPTURE_ARGS)})"
+            )
+
+
 class CaptureMixin:
     """Put before the harness LM class in the bases: `class X(CaptureMixin, HFLM)`."""
 
@@ -83,9 +97,10 @@ class CaptureMixin:
 
     @staticmethod
     def _capture_spec(kwargs: dict) -> CaptureSpec | None:
-        """Take the capture model_args out of `kwargs`, checked before any weights
-        load; None when capture is off. Also joins our logs and errors to the harness CLI's."""
+        """Take the capture model_args out of `kwargs`, checked before any weights load; None
+        when capture is off. Also joins our logs and errors to the harness CLI's."""
         join_harness_cli()
+        _refuse_misspelled(kwargs)
         return CaptureSpec.from_model_args(*(kwargs.pop(name, None) for name in CAPTURE_ARGS))
 
     def _start_capture(self, session: CaptureSession) -> None:

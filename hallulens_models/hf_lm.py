@@ -19,7 +19,7 @@ from hallulens_capture.session import CapturedSample, CaptureSession
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
-from hallulens_models.model_config import text_config
+from hallulens_models.model_config import check_local_weights, text_config
 
 
 @register_model("hallulens-hf")
@@ -33,6 +33,7 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         model_name = pretrained if isinstance(pretrained, str) else pretrained.name_or_path
         if isinstance(pretrained, str):
             pretrained = resolve_pretrained(pretrained)
+            check_local_weights(pretrained, kwargs)
         layer_ids = (
             spec.layer_ids(text_config(pretrained, kwargs).num_hidden_layers) if spec else None
         )

@@ -1,6 +1,10 @@
-"""A model's text config, read before its weights, so bad capture options fail in a second."""
+"""A model's text config and weight files, checked before its weights load, so bad capture
+options and missing files fail in a second."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import transformers
 
@@ -25,3 +29,19 @@ def text_config(pretrained: str | transformers.PreTrainedModel, kwargs: dict):
             f"pretrained={pretrained}: cannot read the model config: {reason}"
         ) from None
     return config.get_text_config()
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack")
+
+
+def check_local_weights(pretrained: object, kwargs: dict) -> None:
+    """A local model directory without weight files fails here, in one line, not in a
+    loader's traceback after the config and tokenizer were read."""
+    if not isinstance(pretrained, str) or not os.path.isdir(pretrained):
+        return
+    folder = Path(pretrained, kwargs.get("subfolder") or "")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ModelFilesError(
+            f"pretrained={pretrained}: no weight files in {folder} "
+            f"({', '.join(WEIGHT_FILES)}); copy the model's weights there"
+        )

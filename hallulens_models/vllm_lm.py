@@ -26,7 +26,7 @@ from hallulens_capture.session import CaptureSession
 from hallulens_models import vllm_capture as capture
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.model_config import text_config
+from hallulens_models.model_config import check_local_weights, text_config
 from hallulens_models.vllm_defaults import cpu_memory_default
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class HalluLensVLLM(CaptureMixin, VLLM):
     ) -> None:
         spec = self._capture_spec(kwargs)
         model_name, pretrained = pretrained, resolve_pretrained(pretrained)
+        check_local_weights(pretrained, kwargs)
         kwargs.update(cpu_memory_default(kwargs))
         layer_ids: list[int] = []
         if spec is not None:

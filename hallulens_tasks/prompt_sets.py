@@ -6,6 +6,7 @@ line naming the file and line: a benchmark silently run on half its items is wor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from hallulens_tasks.task_table import (
     DOMAIN_TYPES,
     DOMAINS,
     FAMILIES,
+    FIELD_TYPES,
     MIXED_TYPES,
     shipped_prompt_set,
 )
@@ -59,17 +61,24 @@ def _domain(row: dict, where: str) -> str:
     return domain
 
 
-def _check(task: str, row: dict, where: str) -> dict:
+_TYPE_NAMES = {str: "a string", int: "an integer"}
+
+
+def check_row(task: str, row: dict, where: str) -> dict:
+    """`row` of `task`'s prompt set, checked (fields, types, values); generated-entity rows get
+    their `domain`."""
     required = FAMILIES[task].fields
     missing = [name for name in required if name not in row]
     if missing:
         raise PromptSetError(f"{where}: missing field(s) {', '.join(missing)}")
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+    for name in required:
+        kind, value = FIELD_TYPES[name], row[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PromptSetError(
+                f'{where}: "{name}" must be {_TYPE_NAMES[kind]}, not {json.dumps(value)[:40]}'
+            )
+    if not row["prompt"].strip():
         raise PromptSetError(f'{where}: "prompt" must be a non-empty string')
-    if "h_score_cat" in required and not (
-        isinstance(row["h_score_cat"], int) and not isinstance(row["h_score_cat"], bool)
-    ):
-        raise PromptSetError(f'{where}: "h_score_cat" must be an integer bin')
     if task == "nonsense_mixed_entities" and row["type"] not in MIXED_TYPES:
         raise PromptSetError(
             f"{where}: type {row['type']!r} is not one of {', '.join(MIXED_TYPES)}"
@@ -82,7 +91,7 @@ def _check(task: str, row: dict, where: str) -> dict:
 def read_prompt_set(task: str, path: Path) -> list[dict]:
     if task not in FAMILIES:
         raise PromptSetError(f"unknown HalluLens task {task!r}")
-    rows = [_check(task, row, where) for where, row in read_jsonl(path, PromptSetError)]
+    rows = [check_row(task, row, where) for where, row in read_jsonl(path, PromptSetError)]
     if not rows:
         raise PromptSetError(f"{path}: no prompts in the file")
     return rows
@@ -123,9 +132,27 @@ def dataset(
     from hallulens_models.harness_cli import join_harness_cli
 
     join_harness_cli()  # a bad prompt set is one line on the lm_eval CLI, not a traceback
-    rows = load_prompt_set(prompt_set, hallulens_data_dir)
-    if where:
-        rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+    everything = load_prompt_set(prompt_set, hallulens_data_dir)
+    rows = [r for r in everything if all(r.get(k) == v for k, v in (where or {}).items())]
+    if not rows:
+        raise PromptSetError(_no_rows_message(prompt_set, where or {}, everything))
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    table = {key: [row.get(key) for row in rows] for key in columns}
-    return {"test": datasets.Dataset.from_dict(table)}
+    try:
+        return {"test": datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in columns})}
+    except (TypeError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise PromptSetError(
+            f"{prompt_set}: a field holds values of different types in different rows "
+            f"({str(exc).splitlines()[0][:200]}); give each field one type"
+        ) from None
+
+
+def _no_rows_message(family_name: str, where: dict, rows: list[dict]) -> str:
+    """Which rows a subtask lacks, and the subtasks the set can run."""
+    family = FAMILIES[family_name]
+    wanted = ", ".join(f"{k}={v}" for k, v in where.items())
+    runnable = [s.name for s in family.subtasks if any(r.get(s.field) == s.value for r in rows)]
+    return (
+        f"the {family_name} prompt set has no rows with {wanted}: run only the subtasks it "
+        f"has rows for (--tasks {','.join(runnable)}), or generate a set with every "
+        f"{next(iter(where), 'value')}"
+    )

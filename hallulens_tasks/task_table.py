@@ -29,6 +29,19 @@ MIXED_EXPERIMENTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# the type of each required prompt-set field (a bool is no int here)
+FIELD_TYPES: dict[str, type] = {
+    "prompt": str,
+    "answer": str,
+    "title": str,
+    "h_score_cat": int,
+    "reference": str,
+    "name": str,
+    "type": str,
+    "place": str,
+}
+
+
 @dataclass(frozen=True)
 class Subtask:
     """A harness task that takes the family's rows whose `field` equals `value`."""

@@ -1,6 +1,7 @@
 """A scripted OpenAI-compatible chat completions server on 127.0.0.1, for exact judge answers.
 
-A real HTTP server (threaded, keep-alive) answering `POST /v1/chat/completions` with whatever
+A real HTTP server (threaded, keep-alive; a given `port` lets a test restart "the same"
+server, whose cached replies then count) answering `POST /v1/chat/completions` with whatever
 `answer(prompt)` returns (`answer(prompt, body)` with `pass_body=True`, for replies that
 depend on the model or sampling parameters). Faults are scripted per prompt: `fail[prompt] = n`
 answers the first n requests for that prompt with HTTP 500, `stall[prompt] = n` stalls the
@@ -27,7 +28,12 @@ class _Server(ThreadingHTTPServer):
 
 class JudgeServer:
     def __init__(
-        self, answer: Callable[..., str], delay_s: float = 0.0, *, pass_body: bool = False
+        self,
+        answer: Callable[..., str],
+        delay_s: float = 0.0,
+        *,
+        pass_body: bool = False,
+        port: int = 0,
     ):
         self.answer = answer
         self.pass_body = pass_body
@@ -67,7 +73,7 @@ class JudgeServer:
                 with contextlib.suppress(OSError):  # the client gave up (timeout test)
                     self.wfile.write(payload)
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", port), Handler)  # port 0: any free port
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     def _handle(self, path: str, body: dict) -> tuple[int, str]:
@@ -102,6 +108,10 @@ class JudgeServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
 
     @property
     def base_url(self) -> str:

@@ -316,6 +316,7 @@ def test_resume_after_kill_gives_the_same_bytes(tmp_path, wiki_sources):
     ]
     env = {**os.environ, "PYTHONHASHSEED": "1"}
     with JudgeServer(scripted_precise, delay_s=0.05) as server:
+        port = server.port
         process = subprocess.Popen(
             [*command, "--base-url", server.base_url],
             env=env,
@@ -332,7 +333,7 @@ def test_resume_after_kill_gives_the_same_bytes(tmp_path, wiki_sources):
     with sqlite3.connect(cache) as db:
         cached = db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
     assert 15 <= cached < total  # about 20 replies arrived; the one in flight may be lost
-    with JudgeServer(scripted_precise) as server:
+    with JudgeServer(scripted_precise, port=port) as server:  # the same server, back up
         env["PYTHONHASHSEED"] = "2"
         result = subprocess.run(
             [*command, "--base-url", server.base_url], env=env, capture_output=True, text=True

@@ -268,7 +268,7 @@ def test_interrupted_pass_resumes_with_only_the_missing(tmp_path):
         server.down_after = 5
         with pytest.raises(LLMError, match="re-run to resume"):
             Judge(settings(server.base_url, cache, concurrency=1, retries=0)).run(items(12))
-    with JudgeServer(scripted) as server:
+    with JudgeServer(scripted, port=server.port) as server:  # the same server, back up
         results = Judge(settings(server.base_url, cache)).run(items(12))
         assert server.requests == 7
     assert [r.verdict for r in results] == ["correct"] * 12

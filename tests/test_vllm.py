@@ -180,6 +180,7 @@ def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, 
         ({"enable_prefix_caching": True}, "enable_prefix_caching=True cannot be used"),
         ({"worker_cls": "my.Worker"}, "worker_cls=my.Worker: capture needs"),
         ({"capture_layers": [31]}, "layer 31 is out of range"),
+        ({"capture_tokns": "all"}, "capture_tokns='all'; did you mean capture_tokens?"),
         ({"pretrained": "/nowhere/model"}, "pretrained=/nowhere/model"),
     ],
 )

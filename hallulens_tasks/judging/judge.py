@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from hallulens_tasks.judging.settings import JudgeSettings
@@ -36,6 +37,10 @@ class Judgement:
     attempts: int
 
 
+def _unreadable(parsers: Sequence[Callable[[str], Any]], index: int, text: str) -> bool:
+    return parsers[index](text) is None
+
+
 class Judge(LLMClient):
     """The LLM client of a judge: items in, verdicts out."""
 
@@ -53,11 +58,13 @@ class Judge(LLMClient):
         for attempt in range(1 + (self.settings.parse_retries if varies else 0)):
             if not todo:
                 break
+            parsers = [items[i].parse for i in todo]
             replies = self.ask(
                 [Prompt(items[i].template, items[i].values) for i in todo],
                 self.settings.sampling,
                 attempt=attempt,
                 choices=[items[i].choices if self.settings.constrained else None for i in todo],
+                stale=(partial(_unreadable, parsers) if self.settings.reask_unparseable else None),
             )
             retry = []
             for i, raw in zip(todo, replies, strict=True):

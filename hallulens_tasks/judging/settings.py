@@ -32,6 +32,7 @@ ENV_PARSE_RETRIES = "HALLULENS_JUDGE_PARSE_RETRIES"
 ENV_CACHE = "HALLULENS_JUDGE_CACHE"
 ENV_MAX_TOKENS = "HALLULENS_JUDGE_MAX_TOKENS"
 ENV_CONSTRAINED = "HALLULENS_JUDGE_CONSTRAINED"
+ENV_REASK = "HALLULENS_JUDGE_REASK_UNPARSEABLE"
 
 # HalluLens' judges: temperature 0, up to 512 new tokens, one user turn.
 DEFAULT_MAX_TOKENS = 512
@@ -66,6 +67,7 @@ class JudgeSettings(LLMSettings):
     parse_retries: int = 2
     max_tokens: int = DEFAULT_MAX_TOKENS
     constrained: bool = False
+    reask_unparseable: bool = False  # cached unreadable replies are asked again
 
     @property
     def sampling(self) -> dict:
@@ -92,6 +94,7 @@ class JudgeSettings(LLMSettings):
             cache_path=cache_path_setting(None, ENV_CACHE, "judge"),
             max_tokens=int(_env_number(ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS, 1)),
             constrained=_env_flag(ENV_CONSTRAINED),
+            reask_unparseable=_env_flag(ENV_REASK),
         )
         if settings.constrained and not backend_class(settings.spec.backend).constrained:
             able = [name for name in BACKENDS if backend_class(name).constrained]

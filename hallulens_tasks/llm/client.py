@@ -9,7 +9,7 @@ reached) is made only when something is not in the cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ class CallStats:
     items: int = 0
     cache_hits: int = 0
     requests: int = 0
+    refreshed: int = 0  # cached replies judged stale and asked again
     templates: dict[str, str] = field(default_factory=dict)  # name -> version (content hash)
 
 
@@ -59,10 +60,12 @@ class LLMClient:
         *,
         attempt: int = 0,
         choices: Sequence[tuple[str, ...] | None] | None = None,
+        stale: Callable[[int, str], bool] | None = None,
     ) -> list[str]:
         """One reply per prompt; equal prompts are asked once. `sampling` and `attempt` are
         part of the cache key; `choices` restrict replies where the backend can (constrained
-        judging)."""
+        judging); a cached reply for which `stale(index, text)` holds is asked again and
+        replaced."""
         if not prompts:
             return []
         texts = [render(p.template, **p.values) for p in prompts]
@@ -70,7 +73,9 @@ class LLMClient:
         self.stats.items += len(prompts)
         self.stats.templates.update(versions)
         keys = [
-            cache_key(self.name, p.template, versions[p.template], text, sampling, attempt)
+            cache_key(
+                self.settings.identity, p.template, versions[p.template], text, sampling, attempt
+            )
             for p, text in zip(prompts, texts, strict=True)
         ]
         choices = choices if choices is not None else [None] * len(prompts)
@@ -79,6 +84,10 @@ class LLMClient:
             for key, text, p, choice in zip(keys, texts, prompts, choices, strict=True)
         }
         replies = self._cache.get_many(unique) if self._cache is not None else {}
+        if stale is not None:
+            dropped = {k for i, k in enumerate(keys) if k in replies and stale(i, replies[k])}
+            self.stats.refreshed += len(dropped)
+            replies = {k: text for k, text in replies.items() if k not in dropped}
         self.stats.cache_hits += sum(1 for k in keys if k in replies)
         # sorted by text: prompts sharing a template prefix go one after another, so engines
         # that keep the previous prompt's KV cache (llama.cpp) reuse it
@@ -92,7 +101,7 @@ class LLMClient:
                 key = missing[i]
                 replies[key] = text
                 if self._cache is not None:
-                    self._cache.put(key, self.name, unique[key][1], text)
+                    self._cache.put(key, self.settings.identity, unique[key][1], text)
                 progress.update()
 
             try:

@@ -29,6 +29,14 @@ class LLMSettings:
     cache_path: Path | None = None
     role: str = "judge"
 
+    @property
+    def identity(self) -> str:
+        """What answered, for cache keys: a server's model is only known by its URL too (a reply
+        cached from one server is not replayed for another)."""
+        if self.spec.backend == "openai":
+            return f"{self.spec}@{self.base_url}"
+        return str(self.spec)
+
 
 def server_url(preferred: str | None, origin: str) -> str:
     """The OpenAI-compatible base URL: `preferred`, else $OPENAI_BASE_URL, else the local

@@ -17,6 +17,7 @@ from pathlib import Path
 from hallulens_capture.keys import prompt_hash
 from hallulens_capture.store import ActivationStore
 from hallulens_tasks.runs.samples import SamplesError, expand, outcome, prompt, read_samples
+from hallulens_tasks.task_table import family_of_task
 
 
 def _record_key(store: ActivationStore, digest: str, task: str, doc_id: object) -> str | None:
@@ -37,12 +38,19 @@ def _record_key(store: ActivationStore, digest: str, task: str, doc_id: object) 
 
 
 def label_store(sample_paths: list[Path], store_path: str) -> dict:
-    """Label the store's records from judged samples; returns counts per label and unmatched."""
+    """Label the store's records from judged samples; returns counts per label and unmatched.
+
+    Samples of harness tasks run beside ours (`--tasks hallulens,gsm8k`) have no verdicts:
+    they are skipped and named in the summary."""
     labels: dict[str, dict] = {}
     unmatched = 0
+    skipped: list[str] = []
     with ActivationStore(store_path, writable=True) as store:
         for path in sample_paths:
             samples = read_samples(path)
+            if family_of_task(samples.task) is None:
+                skipped.append(samples.task)
+                continue
             for row in samples.rows:
                 result = outcome(row)
                 if result is None:
@@ -67,12 +75,18 @@ def label_store(sample_paths: list[Path], store_path: str) -> dict:
         if labels:
             store.put_labels(labels)
     counts = Counter(entry["label"] for entry in labels.values())
-    return {"labelled": len(labels), "unmatched": unmatched, **dict(sorted(counts.items()))}
+    summary = {"labelled": len(labels), "unmatched": unmatched, **dict(sorted(counts.items()))}
+    return {**summary, "skipped_tasks": sorted(set(skipped))} if skipped else summary
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     summary = label_store(expand(args.samples), args.store)
     print(json.dumps(summary))
+    if summary.get("skipped_tasks"):
+        print(
+            f"not HalluLens tasks, left out: {', '.join(summary['skipped_tasks'])}",
+            file=sys.stderr,
+        )
     if summary["unmatched"]:
         print(
             f"{summary['unmatched']} judged samples have no record in {args.store} "

@@ -95,14 +95,16 @@ def _infer(args: argparse.Namespace, data_dir: Path, results: Path) -> None:
     _run(command, {ENV_DATA_DIR: str(data_dir)})
 
 
-def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> None:
+def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> bool:
+    """Judge, label, write the seed's files; whether the store was labelled."""
     samples = latest_samples(results)
     if not samples:
         raise PipelineError(f"no samples_*.jsonl under {results}: run with --do_inference first")
     judged = results / "judged"
     _run(_hallulens("judge", *map(str, samples), "--output_path", str(judged)))
     judged_files = [judged / path.name for path in samples]
-    if Path(args.lmdb_path).exists():
+    labelled = Path(args.lmdb_path, "data.mdb").is_file()
+    if labelled:
         _run(
             _hallulens(
                 "activations",
@@ -124,6 +126,17 @@ def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> None:
             model_name,
         )
     )
+    return labelled
+
+
+def _own_model_args(text: str | None) -> None:
+    """`--model_args` may not set what the pipeline's own flags set."""
+    given = {part.partition("=")[0].strip() for part in (text or "").split(",") if "=" in part}
+    for key, flag in (("activations", "--lmdb_path"), ("pretrained", "--model")):
+        if key in given:
+            raise PipelineError(
+                f"--model_args {key}=... contradicts the pipeline's {flag}: give it with {flag}"
+            )
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -138,6 +151,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         )
     if args.N < 1:
         raise PipelineError(f"--N must be at least 1 (got {args.N})")
+    _own_model_args(args.model_args)
     data_dir = Path(args.data_dir or os.environ.get(ENV_DATA_DIR) or "data").expanduser()
     results = Path(args.results_path or Path(args.eval_results_path) / "lm_eval")
     model_name = Path(args.model).name if os.sep in args.model else args.model
@@ -150,9 +164,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                 "run with --do_generate_prompt first or point --data_dir at one"
             )
         _infer(args, data_dir, results)
-    if args.do_eval:
-        _evaluate(args, results, model_name)
-    print(f"done: seed files under {args.eval_results_path}, activations in {args.lmdb_path}")
+    stored = Path(args.lmdb_path, "data.mdb").is_file()
+    if args.do_eval and not _evaluate(args, results, model_name):
+        print(f"no activation store at {args.lmdb_path}: nothing was labelled", file=sys.stderr)
+    print(
+        f"done: seed files under {args.eval_results_path}"
+        + (f", activations in {args.lmdb_path}" if stored else "")
+    )
     return 0
 
 

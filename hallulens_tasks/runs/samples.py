@@ -10,7 +10,8 @@ from pathlib import Path
 
 from hallulens_capture.errors import HalluLensError
 from hallulens_tasks.jsonl import read_jsonl
-from hallulens_tasks.task_table import SAMPLES_FILE
+from hallulens_tasks.prompt_sets import PromptSetError, check_row
+from hallulens_tasks.task_table import SAMPLES_FILE, family_of_task
 
 
 class SamplesError(HalluLensError, ValueError):
@@ -36,13 +37,13 @@ class SamplesFile:
         return path if path.is_file() else None
 
 
-def response(row: dict) -> str:
+def response(row: dict, where: str = "sample") -> str:
     """The (first) generation of a sample."""
     resps = row.get("resps")
     while isinstance(resps, list) and resps:
         resps = resps[0]
     if not isinstance(resps, str):
-        raise SamplesError('sample has no generation in "resps"')
+        raise SamplesError(f'{where}: no generation in "resps"')
     return resps
 
 
@@ -77,10 +78,17 @@ def read_samples(path: str | Path) -> SamplesFile:
         raise SamplesError(
             f"{path}: not a harness samples file name (samples_<task>_<datetime>.jsonl)"
         )
+    family = family_of_task(match["task"])
     rows = []
     for where, row in read_jsonl(path, SamplesError):
         if not isinstance(row.get("doc"), dict):
             raise SamplesError(f'{where}: not a harness sample (no "doc")')
+        if family is not None:  # what judging, labels and exports read of a HalluLens sample
+            response(row, where)
+            try:
+                check_row(family.name, row["doc"], f"{where}: doc")
+            except PromptSetError as exc:
+                raise SamplesError(str(exc)) from None
         rows.append(row)
     return SamplesFile(path, match["task"], match["stamp"], rows)
 
