@@ -40,7 +40,7 @@ def label_store(sample_paths: list[Path], store_path: str) -> dict:
     """Label the store's records from judged samples; returns counts per label and unmatched."""
     labels: dict[str, dict] = {}
     unmatched = 0
-    with ActivationStore(store_path, writable=True) as store:
+    with ActivationStore(store_path, writable=True, create=False) as store:
         for path in sample_paths:
             samples = read_samples(path)
             for row in samples.rows:
