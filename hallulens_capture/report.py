@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hallulens_capture.errors import RecordFormatError
-from hallulens_capture.keys import prompt_hash
+from hallulens_capture.keys import prompt_hash, shown_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, Record
 from hallulens_capture.store import ActivationStore
@@ -98,12 +98,16 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
         problems.append(f"format {meta.get('format')!r} is not {RECORD_FORMAT}")
     if record.key.split("-")[0] != prompt_hash(record.prompt):
         problems.append("key is not sha256 of the stored prompt")
-    if len(record.shape) != 3:
-        return [*problems, f"activations have shape {list(record.shape)}, expected 3 dims"]
-    n_layers, n_tokens, _ = record.shape
+    if not record.tiles_data():
+        problems.append("tensors do not tile the data section (a gap, overlap or tail)")
+    try:
+        record.gen_kwargs  # noqa: B018 (parsing is the check)
+    except RecordFormatError as exc:
+        problems.append(exc.problem)
+    n_tokens = record.shape[1]
     layer_ids = record.layer_ids
-    if len(layer_ids) != n_layers or np.any(np.diff(layer_ids) <= 0) or np.any(layer_ids < 0):
-        problems.append(f"layer_ids {layer_ids.tolist()} do not index {n_layers} layers")
+    if np.any(np.diff(layer_ids) <= 0) or np.any(layer_ids < 0):
+        problems.append(f"layer_ids {layer_ids.tolist()} are not increasing ids >= 0")
     if CAPTURE_DTYPE_LABELS.get(record.dtype) != record.storage_dtype:
         problems.append(f"dtype {record.dtype!r} but data stored as {record.storage_dtype}")
     try:
@@ -119,6 +123,11 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
                 f"{record.capture_tokens} for {len(record.prompt_token_ids)} prompt + "
                 f"{len(record.generated_token_ids)} generated tokens"
             )
+    if read_values and record.checksum is not None and record.checksum != record.data_checksum():
+        problems.append(
+            f"stored bytes do not match the record's checksum {record.checksum} (overwritten "
+            "or damaged after writing)"
+        )
     if read_values and not problems and not np.all(np.isfinite(record.all_layers_activations)):
         problems.append(
             "activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)"
@@ -126,14 +135,27 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
     return problems
 
 
-def verify(store: ActivationStore, *, read_values: bool = True) -> dict[str, list[str]]:
-    """Check every record; returns key -> problems for the bad ones."""
-    bad: dict[str, list[str]] = {}
+@dataclass
+class Verification:
+    """What `verify` found: the bad records (shown key -> problems) and how many were checked."""
+
+    records: int = 0
+    bad: dict[str, list[str]] = field(default_factory=dict)
+    no_checksum: int = 0  # records written before checksums: their bytes had nothing to match
+
+
+def verify(store: ActivationStore, *, read_values: bool = True) -> Verification:
+    """Check every record, its checksum too when `read_values`."""
+    result = Verification()
     for key in store:
+        result.records += 1
         try:
-            problems = check_record(store[key], read_values=read_values)
+            record = store[key]
+            problems = check_record(record, read_values=read_values)
         except RecordFormatError as exc:
-            problems = [str(exc)]
+            problems = [exc.problem]
+        else:
+            result.no_checksum += record.checksum is None
         if problems:
-            bad[key] = problems
-    return bad
+            result.bad[shown_key(key)] = problems
+    return result

@@ -1,5 +1,5 @@
 """The LMDB store: round trip, map growth, no silent overwrite, readers beside a writer; and
-what a damaged store or a huge map do to it."""
+what a damaged store, an odd key or a huge map do to it."""
 
 import json
 import os
@@ -13,8 +13,9 @@ from conftest import run_cli
 from store_worker import sample
 
 from hallulens_capture import open_store
-from hallulens_capture.errors import StoreError
+from hallulens_capture.errors import RecordFormatError, StoreError
 from hallulens_capture.lmdbfile import check_data_file, read_meta
+from hallulens_capture.report import verify
 from hallulens_capture.store import ActivationStore
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -275,6 +276,29 @@ def test_a_huge_map_is_refused_naming_the_option_and_leaves_nothing(tmp_path):
     assert (existing / "data.mdb").read_bytes() == data
     with open_store(existing) as store:
         assert len(store) == 2
+
+
+def test_keys_lmdb_cannot_hold_are_absent_and_undecodable_keys_are_bad_records(tmp_path):
+    import lmdb
+
+    path = filled_store(tmp_path / "s.lmdb", 1)
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"\xff\xfe" + b"0" * 62, bytes(sample(5)[1]), db=env.open_db(b"records", txn=txn))
+    env.close()
+    with open_store(path) as store:
+        for key in ("", "x" * 600):
+            assert key not in store
+            with pytest.raises(KeyError):
+                store[key]
+        keys = list(store)
+        assert len(keys) == 2
+        odd = next(k for k in keys if k != sample(0)[0])
+        assert odd in store
+        with pytest.raises(RecordFormatError, match=r"^record b'\\xff\\xfe0+': key is not UTF-8$"):
+            store[odd]
+        bad = verify(store).bad
+    assert list(bad.values()) == [["key is not UTF-8"]]
 
 
 def test_writing_labels_needs_an_existing_store(tmp_path):
