@@ -115,6 +115,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ):
         values = ", ".join(f"{k} x{v}" for k, v in stats[name].items()) or "-"
         print(f"{name:<13}: {values}")
+    if stats["mixed"]:
+        differ = ", ".join(f"{n} {name}" for name, n in stats["mixed"].items())
+        print(
+            f"mixed        : {differ}: records made with different settings; analyse one kind "
+            "at a time"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,33 @@ REQUIRED_METADATA = (
     "capture_tokens",
     "dtype",
 )
+# what must be alike for records to be compared: StoreSummary counter per record_kind field
+KIND_COUNTERS = {
+    "model": "models",
+    "backend": "backends",
+    "dtype": "dtypes",
+    "capture_tokens": "capture_tokens",
+    "layers": "layers",
+}
+
+
+def layers_text(ids: Sequence[int]) -> str:
+    """Layer ids as stats prints them: `0-30 (31)` for a range, else `0,8,16`."""
+    ids = [int(i) for i in ids]
+    if ids and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]} ({len(ids)})"
+    return ",".join(map(str, ids))
+
+
+def record_kind(record: Record) -> dict[str, str]:
+    """The settings a record was made with; records of different kinds are not comparable."""
+    return {
+        "model": record.model,
+        "backend": record.backend,
+        "dtype": record.dtype,
+        "capture_tokens": record.capture_tokens,
+        "layers": layers_text(record.layer_ids),
+    }
 
 
 @dataclass
@@ -30,14 +58,20 @@ class StoreSummary:
     record_bytes: int = 0
     tokens: int = 0
     token_counts: list[int] = field(default_factory=list)
-    layer_sets: Counter = field(default_factory=Counter)
+    layers: Counter = field(default_factory=Counter)
     hidden_sizes: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     tasks: Counter = field(default_factory=Counter)
     backends: Counter = field(default_factory=Counter)
     dtypes: Counter = field(default_factory=Counter)
-    scopes: Counter = field(default_factory=Counter)
+    capture_tokens: Counter = field(default_factory=Counter)
     usage: dict = field(default_factory=dict)
+
+    @property
+    def mixed(self) -> dict[str, int]:
+        """Kind fields with more than one value across the records (name -> count of values)."""
+        counts = {name: len(getattr(self, name)) for name in KIND_COUNTERS.values()}
+        return {name: n for name, n in counts.items() if n > 1}
 
     def as_dict(self) -> dict[str, object]:
         counts = self.token_counts or [0]
@@ -50,21 +84,16 @@ class StoreSummary:
                 "mean": float(np.mean(counts)),
                 "max": max(counts),
             },
-            "layers": {_layers_text(k): v for k, v in self.layer_sets.items()},
+            "layers": dict(self.layers),
             "hidden_sizes": dict(self.hidden_sizes),
             "models": dict(self.models),
             "tasks": dict(self.tasks),
             "backends": dict(self.backends),
             "dtypes": dict(self.dtypes),
-            "capture_tokens": dict(self.scopes),
+            "capture_tokens": dict(self.capture_tokens),
+            "mixed": self.mixed,
             **self.usage,
         }
-
-
-def _layers_text(ids: tuple[int, ...]) -> str:
-    if ids and list(ids) == list(range(ids[0], ids[-1] + 1)):
-        return f"{ids[0]}-{ids[-1]} ({len(ids)})"
-    return ",".join(map(str, ids))
 
 
 def summarize(store: ActivationStore) -> StoreSummary:
@@ -77,13 +106,10 @@ def summarize(store: ActivationStore) -> StoreSummary:
         summary.record_bytes += record.nbytes
         summary.tokens += n_tokens
         summary.token_counts.append(n_tokens)
-        summary.layer_sets[tuple(int(i) for i in record.layer_ids)] += 1
         summary.hidden_sizes[hidden] += 1
-        summary.models[record.model] += 1
         summary.tasks[record.task or "-"] += 1
-        summary.backends[record.backend] += 1
-        summary.dtypes[record.dtype] += 1
-        summary.scopes[record.capture_tokens] += 1
+        for name, value in record_kind(record).items():
+            getattr(summary, KIND_COUNTERS[name])[value] += 1
     return summary
 
 

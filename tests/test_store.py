@@ -1,7 +1,8 @@
 """The LMDB store: round trip, map growth, no silent overwrite, readers beside a writer; and
-what a damaged store, an odd key or a huge map do to it."""
+what a damaged store, an odd key, a huge map or a mixed store do to it."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import pytest
 from conftest import run_cli
 from store_worker import sample
 
-from hallulens_capture import open_store
+from hallulens_capture import open_store, record_key
 from hallulens_capture.errors import RecordFormatError, StoreError
 from hallulens_capture.lmdbfile import check_data_file, read_meta
 from hallulens_capture.report import verify
+from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -338,3 +341,30 @@ def test_writing_labels_needs_an_existing_store(tmp_path):
     with env.begin() as txn:
         assert [bytes(k) for k in txn.cursor().iternext(values=False)] == [b"other"]
     env.close()
+
+
+def session_write(path, model, backend, n, caplog, run=0):
+    """Capture run `run` of `n` one-token prompts; returns the warnings it logged."""
+    spec = CaptureSpec.from_model_args(str(path), capture_tokens="prompt", environ={})
+    session = CaptureSession(spec, [0, 1], model, backend=backend)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hallulens_capture.session"):
+        for i in range(n):
+            acts = np.full((2, 1, 8), i, dtype=np.float16)
+            captured = CapturedSample(None, [i], [1], np.arange(1, dtype=np.int32), acts)
+            request = SampleRequest(f"{model} run {run} prompt {i}")
+            session.write(record_key(request.prompt), request, "r", captured)
+        session.close()
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_run_adding_a_second_kind_of_record_warns_once(tmp_path, caplog):
+    path = tmp_path / "s.lmdb"
+    assert session_write(path, "model-a", "hf", 2, caplog) == []
+    assert session_write(path, "model-a", "hf", 2, caplog, run=1) == []  # same kind: silent
+    warnings = session_write(path, "model-b", "gguf", 3, caplog)
+    assert len(warnings) == 1
+    assert "holds records made with model='model-a' (now 'model-b'); backend='hf'" in warnings[0]
+    assert "second kind of record" in warnings[0]
+    with open_store(path) as store:
+        assert len(store) == 7

@@ -5,6 +5,7 @@ import struct
 import subprocess
 
 import crafted
+import numpy as np
 from conftest import BIN, run_cli
 from store_worker import sample
 
@@ -121,6 +122,39 @@ def test_odd_arguments_are_one_line(tmp_path):
     assert line == f"hallulens: error: no record b'' in {path}"
     line = one_error_line(run_cli("hallulens", "activations", "ls", path, "--limit", "-1"))
     assert line == "hallulens: error: --limit=-1 must be at least 0"
+
+
+def test_stats_says_when_a_store_mixes_kinds_of_record(tmp_path, capsys):
+    path = filled(tmp_path, 2)
+    with ActivationStore(path, writable=True) as store:
+        store.put(
+            crafted.key_of("crafted prompt"), crafted.valid()
+        )  # model m, backend test, 2 layers
+        store.put(crafted.key_of("other"), other_kind())
+    result = run_cli("hallulens", "activations", "stats", path)
+    assert result.returncode == 0, result.stderr
+    mixed = [line for line in result.stdout.splitlines() if line.startswith("mixed")]
+    assert mixed == [
+        "mixed        : 2 models, 2 backends, 2 capture_tokens, 2 layers: records made with "
+        "different settings; analyse one kind at a time"
+    ]
+    assert main(["activations", "stats", path, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["mixed"] == {"models": 2, "backends": 2, "capture_tokens": 2, "layers": 2}
+    assert stats["records"] == 4 and stats["tokens"] == 2 * 48 + 3 + 3
+    single = filled(tmp_path / "one", 2)
+    assert main(["activations", "stats", single, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mixed"] == {}
+
+
+def other_kind() -> bytes:
+    """A record of another model and backend, capture_tokens=all (3 positions for 3 prompt + 1
+    generated token) and layers 5 and 9."""
+    tensors = crafted.arrays()
+    tensors["layer_ids"] = np.array([5, 9], dtype=np.int32)
+    head = crafted.header(tensors, "other")
+    head["__metadata__"].update(model="m2", backend="hf", capture_tokens="all")
+    return crafted.value(head, b"".join(a.tobytes() for a in tensors.values()))
 
 
 def test_verify_reports_records_without_checksum_and_catches_overwritten_bytes(tmp_path):
