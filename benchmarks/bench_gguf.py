@@ -4,6 +4,12 @@ llama-cpp-python's own high-level API doing the same greedy generation.
 SmolLM2 Q4_1 GGUF on CPU, one sequence at a time, the same four prompts, `max_gen_toks` N, no
 stop strings; capture of the generated tokens, float16, all 31 layers or 4 of them. Runs
 alternate; every capture run writes into a fresh store.
+
+Both sides of the tokens/s comparison get the same prompts in the same order (the i-th call of
+each uses tag i), so greedy decoding gives both the same tokens and the same stopping points, and
+llama-cpp-python's state is reset before each prompt, so neither reuses a previous prompt's KV
+cache. (Earlier runs tagged the two sides' prompts differently: their answers stopped at EOS
+after different lengths, and the fixed per-prompt cost weighed differently on tokens/s.)
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def high_level(llm: Llama, new_tokens: int, tag: str) -> int:
     """Same prompts through `Llama.create_completion`; tokens counted as for ours (re-encoded)."""
     total = 0
     for p in PROMPTS:
+        llm.reset()  # no prefix reuse from the previous prompt: ours prefills every prompt
         out = llm.create_completion(f"{p} ({tag})", max_tokens=new_tokens, temperature=0.0)
         text = out["choices"][0]["text"]
         total += len(llm.tokenize(text.encode(), add_bos=False, special=True))
@@ -55,14 +62,17 @@ def run(lengths=(32, 128), repeats=3) -> dict[str, object]:
     counted: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in lengths:
+            first = next(tags) * 1000
+            ours_tags, their_tags = iter(range(first, first + 999)), iter(range(first, first + 999))
 
-            def mine(n=n):
+            def mine(n=n, tags=ours_tags):
                 counted["ours"] = ours(plain, n, f"p{next(tags)}")
 
-            def theirs(n=n):
+            def theirs(n=n, tags=their_tags):
                 counted["theirs"] = high_level(llm, n, f"p{next(tags)}")
 
             t_ours, t_theirs = side_by_side(mine, theirs, repeats)
+            assert counted["ours"] == counted["theirs"], counted  # the same tokens on both sides
             row = {
                 "new_tokens": n,
                 "ours_tok_s": counted["ours"] / t_ours,

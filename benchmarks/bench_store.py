@@ -1,7 +1,10 @@
 """Store speed next to the plain-file baseline, in one run.
 
 - write: `ActivationStore.put(encode_record(...))` for N records (encoding included, final sync
-  included) ÷ appending the same record bytes to one file with a final fsync;
+  included) ÷ appending the same record bytes to one file with a final fsync; and the same store
+  write with the record checksum ÷ without it (what keeping the checksum on costs);
+- checksum: CRC-32 (the one records use) and BLAKE2b over one record's activations, GB/s, run
+  side by side (why CRC-32);
 - slice read: layer 20 x the first 64 tokens of every record, through `open_store` ÷ the same
   read from one numpy memmap [N, layers, tokens, hidden]; warm (page cache) and cold (pages
   dropped with posix_fadvise before each read, no root needed).
@@ -9,16 +12,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
-from common import save, table
+from common import save, side_by_side, table
 
 from hallulens_capture import open_store, record_key
 from hallulens_capture.record import encode_record
@@ -62,15 +67,16 @@ def drop_cache(path: Path) -> None:
 
 
 def write_case(tmp: Path, n: int, shape: tuple[int, int, int]) -> dict[str, object]:
-    """Store and raw file, order store, raw, raw, store three times (fresh files, medians)."""
+    """Store (with and without checksums) and raw file, each order of the three once and then
+    reversed, three times (fresh files, medians of six)."""
     values = [encode_record(a, "F16", i, m) for _, a, i, m in records(min(n, 8), *shape)]
     total = sum(len(values[j % len(values)]) for j in range(n))
 
-    def store_write(path: Path) -> None:
+    def store_write(path: Path, checksum: bool = True) -> None:
         scratch = bytearray(len(values[0]) + 4096)  # one reused buffer, as CaptureSession does
         with ActivationStore(path, writable=True) as store:  # close() syncs
             for key, acts, index, meta in records(n, *shape):
-                store.put(key, encode_record(acts, "F16", index, meta, scratch))
+                store.put(key, encode_record(acts, "F16", index, meta, scratch, checksum))
 
     def raw_write(path: Path) -> None:
         with open(path, "wb") as f:
@@ -79,15 +85,21 @@ def write_case(tmp: Path, n: int, shape: tuple[int, int, int]) -> dict[str, obje
             f.flush()
             os.fsync(f.fileno())
 
-    times: dict[str, list[float]] = {"store": [], "raw": []}
-    for round_, name in enumerate(("store", "raw", "raw", "store") * 3):
+    writers = {
+        "store": store_write,
+        "no_checksum": lambda path: store_write(path, checksum=False),
+        "raw": raw_write,
+    }
+    times: dict[str, list[float]] = {name: [] for name in writers}
+    order = ("store", "no_checksum", "raw", "raw", "no_checksum", "store")
+    for round_, name in enumerate(order * 3):
         path = tmp / f"w{round_}"
         os.sync()  # start each run with no dirty pages left by the one before
         t0 = time.perf_counter()
-        (store_write if name == "store" else raw_write)(path)
+        writers[name](path)
         times[name].append(time.perf_counter() - t0)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    t_store, t_raw = (statistics.median(times[k]) for k in ("store", "raw"))
+    t_store, t_plain, t_raw = (statistics.median(times[k]) for k in writers)
     return {
         "records": n,
         "shape": list(shape),
@@ -95,6 +107,22 @@ def write_case(tmp: Path, n: int, shape: tuple[int, int, int]) -> dict[str, obje
         "store_gb_s": total / t_store / 1e9,
         "raw_gb_s": total / t_raw / 1e9,
         "ratio": t_raw / t_store,  # throughput ratio: store ÷ raw
+        "no_checksum_gb_s": total / t_plain / 1e9,
+        "checksum_ratio": t_plain / t_store,  # throughput with ÷ without the checksum
+    }
+
+
+def checksum_case(shape: tuple[int, int, int], repeats: int = 15) -> dict[str, object]:
+    """GB/s of the two candidate hashes over one record's activations, run alternately."""
+    data = next(records(1, *shape))[1].tobytes()
+    t_crc, t_blake = side_by_side(
+        lambda: zlib.crc32(data), lambda: hashlib.blake2b(data, digest_size=8), repeats
+    )
+    return {
+        "shape": list(shape),
+        "bytes": len(data),
+        "crc32_gb_s": len(data) / t_crc / 1e9,
+        "blake2b_gb_s": len(data) / t_blake / 1e9,
     }
 
 
@@ -153,7 +181,7 @@ def run(quick: bool = False) -> dict[str, object]:
             write_case(tmp, 16 if quick else 60, (33, 64, 4096)),
         ]
         read = read_case(tmp, 100 if quick else 400, (31, 96, 576))
-    return {"write": writes, "read": read}
+    return {"write": writes, "read": read, "checksum": checksum_case((31, 128, 576))}
 
 
 if __name__ == "__main__":
@@ -173,6 +201,31 @@ if __name__ == "__main__":
                 ]
                 for w in result["write"]
             ],
+        )
+    )
+    print(
+        table(
+            "store write with the record checksum ÷ without it (throughput)",
+            ["records", "record shape", "with GB/s", "without GB/s", "with ÷ without"],
+            [
+                [
+                    w["records"],
+                    "x".join(map(str, w["shape"])),
+                    w["store_gb_s"],
+                    w["no_checksum_gb_s"],
+                    w["checksum_ratio"],
+                ]
+                for w in result["write"]
+            ],
+        )
+    )
+    c = result["checksum"]
+    print(
+        table(
+            f"checksum speed over one record's activations ({'x'.join(map(str, c['shape']))}, "
+            f"{c['bytes'] / 1e6:.1f} MB)",
+            ["hash", "GB/s"],
+            [["crc32 (used)", c["crc32_gb_s"]], ["blake2b-64", c["blake2b_gb_s"]]],
         )
     )
     r = result["read"]

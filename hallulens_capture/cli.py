@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 
 import numpy as np
 
-from hallulens_capture.errors import StoreError
+from hallulens_capture.errors import HalluLensError, RecordFormatError, StoreError
+from hallulens_capture.keys import shown_key
+from hallulens_capture.options import checked_number
 from hallulens_capture.report import check_record, summarize, verify
 from hallulens_capture.store import open_store
 
@@ -16,8 +20,21 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f} MiB"
 
 
+@contextlib.contextmanager
+def _refuse_bad_records(path: str) -> Iterator[None]:
+    """A command over every record stops at a bad one, pointing to `verify` for the full list."""
+    try:
+        yield
+    except RecordFormatError as exc:
+        raise StoreError(
+            f"{exc} (`hallulens activations verify {path}` lists every bad record)"
+        ) from None
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    with open_store(args.path) as store:
+    if args.limit is not None:
+        checked_number("--limit", args.limit, minimum=0, integer=True, error=HalluLensError)
+    with open_store(args.path) as store, _refuse_bad_records(args.path):
         print(
             f"{'key':<68} {'task':<24} {'doc':>5} {'layers':>6} {'tokens':>6} {'hidden':>6} "
             f"{'dtype':<8} {'bytes':>12}  model"
@@ -39,11 +56,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     with open_store(args.path) as store:
         if args.key not in store:
-            raise StoreError(f"no record {args.key} in {args.path}")
+            raise StoreError(f"no record {shown_key(args.key)} in {args.path}")
         r = store[args.key]
+        gen_kwargs = r.gen_kwargs  # a bad record is refused before anything is printed
         for name in ("model", "backend", "task", "doc_id", "timestamp", "capture_tokens", "dtype"):
             print(f"{name:>20}: {getattr(r, name)}")
-        print(f"{'gen_kwargs':>20}: {json.dumps(r.gen_kwargs)}")
+        print(f"{'gen_kwargs':>20}: {json.dumps(gen_kwargs)}")
         print(f"{'prompt':>20}: {r.prompt!r}")
         print(f"{'response':>20}: {r.response!r}")
         print(f"{'prompt_token_ids':>20}: {len(r.prompt_token_ids)} tokens")
@@ -70,7 +88,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with open_store(args.path) as store:
+    with open_store(args.path) as store, _refuse_bad_records(args.path):
         stats = summarize(store).as_dict()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -97,17 +115,27 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ):
         values = ", ".join(f"{k} x{v}" for k, v in stats[name].items()) or "-"
         print(f"{name:<13}: {values}")
+    if stats["mixed"]:
+        differ = ", ".join(f"{n} {name}" for name, n in stats["mixed"].items())
+        print(
+            f"mixed        : {differ}: records made with different settings; analyse one kind "
+            "at a time"
+        )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args.path) as store:
-        total = len(store)
-        bad = verify(store, read_values=not args.headers_only)
-    for key, problems in bad.items():
+        result = verify(store, read_values=not args.headers_only)
+    for key, problems in result.bad.items():
         print(f"BAD {key}: {'; '.join(problems)}")
-    print(f"{total - len(bad)} of {total} records ok")
-    return 1 if bad else 0
+    print(f"{result.records - len(result.bad)} of {result.records} records ok")
+    if result.no_checksum and not args.headers_only:
+        print(
+            f"{result.no_checksum} records have no checksum (written before checksums were "
+            "added): their bytes were not checked against one"
+        )
+    return 1 if result.bad else 0
 
 
 def register(activations: argparse._SubParsersAction) -> None:

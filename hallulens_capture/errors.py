@@ -18,7 +18,12 @@ class StoreError(HalluLensError):
 
 
 class RecordFormatError(StoreError):
-    """A stored value is not a valid record."""
+    """A stored value is not a valid record; `problem` is the message without the key (what
+    `verify` prints after the key)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"record {key}: {problem}")
+        self.problem = problem
 
 
 class CaptureError(HalluLensError, RuntimeError):

@@ -19,3 +19,9 @@ def record_key(prompt: str, occurrence: int = 0) -> str:
     """Key of the `occurrence`-th sample (0-based) of `prompt` in one run."""
     digest = prompt_hash(prompt)
     return digest if occurrence == 0 else f"{digest}-{occurrence}"
+
+
+def shown_key(key: str) -> str:
+    """`key` as messages print it: itself when printable, else the repr of its bytes (a key that
+    is not UTF-8 arrives with surrogates, which cannot be printed; an empty one would vanish)."""
+    return key if key.isprintable() and key else ascii(key.encode("utf-8", "surrogateescape"))

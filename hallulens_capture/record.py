@@ -8,20 +8,28 @@ slice of some layers x some tokens touches only those bytes of the memory map.
 Tensors: `all_layers_activations` [n_layers, n_tokens, hidden] (F16 / BF16 / F32), `layer_ids`,
 `token_positions`, `prompt_token_ids`, `generated_token_ids` (I32). Metadata: `prompt`,
 `response`, `model`, `timestamp`, `backend`, `task`, `doc_id`, `capture_tokens`, `dtype`,
-`gen_kwargs` (JSON), `format`. `activations` (the last captured layer) is a view, not stored.
+`gen_kwargs` (JSON), `format`, `checksum` (CRC-32 of the data section, i.e. every tensor's bytes;
+records written before it was added have none). `activations` (the last captured layer) is a
+view, not stored.
+
+Parsing checks the header's structure (types, dims that agree, offsets within the value) so that
+no crafted value can crash or mislead a reader, at a cost independent of the activations' size;
+the checksum (a pass over every byte) and the exact tiling are left to `hallulens activations
+verify`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 
 import numpy as np
 
 from hallulens_capture.errors import RecordFormatError
+from hallulens_capture.keys import shown_key
 
 RECORD_FORMAT = "hallulens-record/1"
 ACTIVATIONS = "all_layers_activations"
@@ -30,6 +38,16 @@ INDEX_TENSORS = ("layer_ids", "token_positions", "prompt_token_ids", "generated_
 STORAGE_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I32": np.int32}
 _ITEMSIZE = {label: np.dtype(dtype).itemsize for label, dtype in STORAGE_DTYPES.items()}
 CAPTURE_DTYPE_LABELS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+CHECKSUM = "checksum"
+
+
+def data_checksum(parts: Iterable[object]) -> str:
+    """CRC-32 of the data section given as its consecutive parts (buffers): "crc32:<8 hex>".
+    CRC-32 runs at several GB/s (benchmarks/bench_store.py), a small share of a record write."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)  # type: ignore[arg-type]
+    return f"crc32:{crc:08x}"
 
 
 def storage_from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -54,13 +72,15 @@ def encode_record(
     index: Mapping[str, Sequence[int] | np.ndarray],
     metadata: Mapping[str, str],
     scratch: bytearray | None = None,
+    checksum: bool = True,
 ) -> memoryview:
     """Serialise one record into a single buffer (one copy of the activations).
 
     `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16).
     With `scratch`, the record is built in it when it is large enough (a writer reuses one
     buffer instead of faulting in fresh memory per record); the result is then only valid until
-    the next call with the same scratch.
+    the next call with the same scratch. `checksum=False` leaves the checksum out, only so that
+    benchmarks/bench_store.py can measure what it costs.
     """
     if dtype_label not in ("F16", "BF16", "F32"):
         raise ValueError(f"unsupported activation dtype {dtype_label}")
@@ -69,7 +89,10 @@ def encode_record(
     ]
     for name in INDEX_TENSORS:
         arrays.append((name, "I32", np.ascontiguousarray(index[name], dtype=np.int32)))
-    header: dict[str, object] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+    strings = {k: str(v) for k, v in metadata.items()}
+    if checksum:
+        strings[CHECKSUM] = data_checksum(array for _, _, array in arrays)
+    header: dict[str, object] = {"__metadata__": strings}
     offset = 0
     for name, label, array in arrays:
         if array.dtype != STORAGE_DTYPES[label]:
@@ -98,6 +121,35 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def _is_text(value: object) -> bool:
+    """A str that UTF-8 can hold: no lone surrogates (JSON escapes or undecodable key bytes)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _nbytes(label: str, shape: Sequence[int], limit: int) -> int:
+    """Bytes of a tensor, or limit + 1 as soon as it exceeds `limit` (a crafted shape of huge
+    dims costs no huge-integer arithmetic)."""
+    if 0 in shape:
+        return 0
+    size = _ITEMSIZE[label]
+    for dim in shape:
+        size *= dim
+        if size > limit:
+            return limit + 1
+    return size
+
+
+def _brief(value: object) -> str:
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class Record:
     """A parsed record over a buffer (usually LMDB's memory map: nothing is copied).
 
@@ -110,43 +162,88 @@ class Record:
         self.key = key
         self._buf = memoryview(buffer)
         size = len(self._buf)
+        if not _is_text(key):
+            raise self._error("key is not UTF-8")
         if size < 8:
-            raise RecordFormatError(f"record {key}: {size} bytes, too short for a header")
+            raise self._error(f"{size} bytes, too short for a header")
         (hlen,) = struct.unpack_from("<Q", self._buf, 0)
         if hlen > size - 8:
-            raise RecordFormatError(f"record {key}: header length {hlen} exceeds value size {size}")
+            raise self._error(f"header length {hlen} exceeds value size {size}")
         try:
             header = json.loads(bytes(self._buf[8 : 8 + hlen]))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RecordFormatError(f"record {key}: header is not JSON ({exc})") from None
+            raise self._error(f"header is not JSON ({exc})") from None
+        except RecursionError:
+            raise self._error("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
-            raise RecordFormatError(f"record {key}: header is not a JSON object")
+            raise self._error("header is not a JSON object")
         meta = header.pop("__metadata__", None)
         if not isinstance(meta, dict):
-            raise RecordFormatError(f"record {key}: no __metadata__ in header")
+            raise self._error("no __metadata__ in header")
+        bad = [ascii(name) for name, value in meta.items() if not _is_text(value)]
+        if bad:
+            raise self._error(f"metadata {', '.join(bad[:5])} not UTF-8 strings")
         self.metadata: dict[str, str] = meta
         self._start = 8 + hlen
-        self._tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            self._tensors[name] = self._check_entry(name, entry, size - self._start)
-        missing = [n for n in (ACTIVATIONS, *INDEX_TENSORS) if n not in self._tensors]
-        if missing:
-            raise RecordFormatError(f"record {key}: missing tensors {', '.join(missing)}")
+        data_size = size - self._start
+        self._tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            name: self._check_entry(name, entry, data_size) for name, entry in header.items()
+        }
+        self._check_layout()
+
+    def _error(self, problem: str) -> RecordFormatError:
+        return RecordFormatError(shown_key(self.key), problem)
 
     def _check_entry(self, name: str, entry: object, data_size: int):
+        """(dtype label, shape, begin, end) of one tensor, its bytes within the data section."""
         try:
-            label = entry["dtype"]  # type: ignore[index]
-            shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-            begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+            label, shape = entry["dtype"], entry["shape"]  # type: ignore[index]
+            begin, end = entry["data_offsets"]  # type: ignore[index]
         except (TypeError, KeyError, ValueError):
-            raise RecordFormatError(f"record {self.key}: bad header entry for {name}") from None
-        if label not in STORAGE_DTYPES:
-            raise RecordFormatError(f"record {self.key}: {name} has unsupported dtype {label}")
-        if not 0 <= begin <= end <= data_size or end - begin != _ITEMSIZE[label] * math.prod(shape):
-            raise RecordFormatError(
-                f"record {self.key}: {name} offsets {begin}..{end} do not fit shape {list(shape)}"
+            raise self._error(f"header entry {_brief(name)} is not a tensor") from None
+        if type(label) is not str or label not in STORAGE_DTYPES:
+            raise self._error(f"{_brief(name)} has unsupported dtype {_brief(label)}")
+        if type(shape) is not list or not all(
+            type(n) is int and n >= 0 for n in (*shape, begin, end)
+        ):
+            raise self._error(
+                f"{_brief(name)}: shape {_brief(shape)} and data_offsets [{_brief(begin)}, "
+                f"{_brief(end)}] are not integers >= 0"
             )
-        return label, shape, begin, end
+        if not begin <= end <= data_size or end - begin != _nbytes(label, shape, data_size):
+            raise self._error(
+                f"{_brief(name)} offsets {begin}..{end} do not fit shape {_brief(shape)}"
+            )
+        return label, tuple(shape), begin, end
+
+    def _check_layout(self) -> None:
+        """The tensors a reader relies on, present and with dims that agree."""
+        missing = [n for n in (ACTIVATIONS, *INDEX_TENSORS) if n not in self._tensors]
+        if missing:
+            raise self._error(f"missing tensors {', '.join(missing)}")
+        label, shape, _, _ = self._tensors[ACTIVATIONS]
+        if label == "I32" or len(shape) != 3 or 0 in (shape[0], shape[2]):
+            raise self._error(
+                f"{ACTIVATIONS} is {label} {_brief(list(shape))}, not [layers >= 1, tokens, "
+                "hidden >= 1]"
+            )
+        for name in INDEX_TENSORS:
+            if self._tensors[name][0] != "I32" or len(self._tensors[name][1]) != 1:
+                raise self._error(f"{name} is not a 1-D I32 tensor")
+        for axis, name in ((0, "layer_ids"), (1, "token_positions")):
+            if shape[axis] != self._tensors[name][1][0]:
+                raise self._error(
+                    f"{ACTIVATIONS} {list(shape)} has {shape[axis]} rows on axis {axis} but "
+                    f"{name} has {self._tensors[name][1][0]} entries"
+                )
+
+    def tiles_data(self) -> bool:
+        """Whether the tensors cover the data section exactly, as safetensors requires (no gap,
+        overlap or tail). Nothing a reader does depends on it: `verify` checks it, not `[key]`."""
+        spans = sorted((begin, end) for _, _, begin, end in self._tensors.values())
+        ends = [0] + [end for _, end in spans]
+        data_size = len(self._buf) - self._start
+        return [begin for begin, _ in spans] == ends[:-1] and ends[-1] == data_size
 
     def _raw(self, name: str) -> np.ndarray:
         label, shape, begin, end = self._tensors[name]
@@ -240,7 +337,22 @@ class Record:
 
     @property
     def gen_kwargs(self) -> dict:
-        return json.loads(self._meta("gen_kwargs") or "{}")
+        try:
+            value = json.loads(self._meta("gen_kwargs") or "{}")
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            raise self._error(f"gen_kwargs {_brief(self._meta('gen_kwargs'))} is not a JSON object")
+        return value
+
+    @property
+    def checksum(self) -> str | None:
+        """The checksum written with the record; None for records from before checksums."""
+        return self.metadata.get(CHECKSUM)
+
+    def data_checksum(self) -> str:
+        """Checksum of the stored data section as it is now (reads every byte of it)."""
+        return data_checksum([self._buf[self._start :]])
 
     @property
     def nbytes(self) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hallulens_capture.errors import RecordFormatError
-from hallulens_capture.keys import prompt_hash
+from hallulens_capture.keys import prompt_hash, shown_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, Record
 from hallulens_capture.store import ActivationStore
@@ -22,6 +23,33 @@ REQUIRED_METADATA = (
     "capture_tokens",
     "dtype",
 )
+# what must be alike for records to be compared: StoreSummary counter per record_kind field
+KIND_COUNTERS = {
+    "model": "models",
+    "backend": "backends",
+    "dtype": "dtypes",
+    "capture_tokens": "capture_tokens",
+    "layers": "layers",
+}
+
+
+def layers_text(ids: Sequence[int]) -> str:
+    """Layer ids as stats prints them: `0-30 (31)` for a range, else `0,8,16`."""
+    ids = [int(i) for i in ids]
+    if ids and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]} ({len(ids)})"
+    return ",".join(map(str, ids))
+
+
+def record_kind(record: Record) -> dict[str, str]:
+    """The settings a record was made with; records of different kinds are not comparable."""
+    return {
+        "model": record.model,
+        "backend": record.backend,
+        "dtype": record.dtype,
+        "capture_tokens": record.capture_tokens,
+        "layers": layers_text(record.layer_ids),
+    }
 
 
 @dataclass
@@ -30,14 +58,20 @@ class StoreSummary:
     record_bytes: int = 0
     tokens: int = 0
     token_counts: list[int] = field(default_factory=list)
-    layer_sets: Counter = field(default_factory=Counter)
+    layers: Counter = field(default_factory=Counter)
     hidden_sizes: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     tasks: Counter = field(default_factory=Counter)
     backends: Counter = field(default_factory=Counter)
     dtypes: Counter = field(default_factory=Counter)
-    scopes: Counter = field(default_factory=Counter)
+    capture_tokens: Counter = field(default_factory=Counter)
     usage: dict = field(default_factory=dict)
+
+    @property
+    def mixed(self) -> dict[str, int]:
+        """Kind fields with more than one value across the records (name -> count of values)."""
+        counts = {name: len(getattr(self, name)) for name in KIND_COUNTERS.values()}
+        return {name: n for name, n in counts.items() if n > 1}
 
     def as_dict(self) -> dict[str, object]:
         counts = self.token_counts or [0]
@@ -50,21 +84,16 @@ class StoreSummary:
                 "mean": float(np.mean(counts)),
                 "max": max(counts),
             },
-            "layers": {_layers_text(k): v for k, v in self.layer_sets.items()},
+            "layers": dict(self.layers),
             "hidden_sizes": dict(self.hidden_sizes),
             "models": dict(self.models),
             "tasks": dict(self.tasks),
             "backends": dict(self.backends),
             "dtypes": dict(self.dtypes),
-            "capture_tokens": dict(self.scopes),
+            "capture_tokens": dict(self.capture_tokens),
+            "mixed": self.mixed,
             **self.usage,
         }
-
-
-def _layers_text(ids: tuple[int, ...]) -> str:
-    if ids and list(ids) == list(range(ids[0], ids[-1] + 1)):
-        return f"{ids[0]}-{ids[-1]} ({len(ids)})"
-    return ",".join(map(str, ids))
 
 
 def summarize(store: ActivationStore) -> StoreSummary:
@@ -77,13 +106,10 @@ def summarize(store: ActivationStore) -> StoreSummary:
         summary.record_bytes += record.nbytes
         summary.tokens += n_tokens
         summary.token_counts.append(n_tokens)
-        summary.layer_sets[tuple(int(i) for i in record.layer_ids)] += 1
         summary.hidden_sizes[hidden] += 1
-        summary.models[record.model] += 1
         summary.tasks[record.task or "-"] += 1
-        summary.backends[record.backend] += 1
-        summary.dtypes[record.dtype] += 1
-        summary.scopes[record.capture_tokens] += 1
+        for name, value in record_kind(record).items():
+            getattr(summary, KIND_COUNTERS[name])[value] += 1
     return summary
 
 
@@ -98,12 +124,16 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
         problems.append(f"format {meta.get('format')!r} is not {RECORD_FORMAT}")
     if record.key.split("-")[0] != prompt_hash(record.prompt):
         problems.append("key is not sha256 of the stored prompt")
-    if len(record.shape) != 3:
-        return [*problems, f"activations have shape {list(record.shape)}, expected 3 dims"]
-    n_layers, n_tokens, _ = record.shape
+    if not record.tiles_data():
+        problems.append("tensors do not tile the data section (a gap, overlap or tail)")
+    try:
+        record.gen_kwargs  # noqa: B018 (parsing is the check)
+    except RecordFormatError as exc:
+        problems.append(exc.problem)
+    n_tokens = record.shape[1]
     layer_ids = record.layer_ids
-    if len(layer_ids) != n_layers or np.any(np.diff(layer_ids) <= 0) or np.any(layer_ids < 0):
-        problems.append(f"layer_ids {layer_ids.tolist()} do not index {n_layers} layers")
+    if np.any(np.diff(layer_ids) <= 0) or np.any(layer_ids < 0):
+        problems.append(f"layer_ids {layer_ids.tolist()} are not increasing ids >= 0")
     if CAPTURE_DTYPE_LABELS.get(record.dtype) != record.storage_dtype:
         problems.append(f"dtype {record.dtype!r} but data stored as {record.storage_dtype}")
     try:
@@ -119,6 +149,11 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
                 f"{record.capture_tokens} for {len(record.prompt_token_ids)} prompt + "
                 f"{len(record.generated_token_ids)} generated tokens"
             )
+    if read_values and record.checksum is not None and record.checksum != record.data_checksum():
+        problems.append(
+            f"stored bytes do not match the record's checksum {record.checksum} (overwritten "
+            "or damaged after writing)"
+        )
     if read_values and not problems and not np.all(np.isfinite(record.all_layers_activations)):
         problems.append(
             "activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)"
@@ -126,14 +161,27 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
     return problems
 
 
-def verify(store: ActivationStore, *, read_values: bool = True) -> dict[str, list[str]]:
-    """Check every record; returns key -> problems for the bad ones."""
-    bad: dict[str, list[str]] = {}
+@dataclass
+class Verification:
+    """What `verify` found: the bad records (shown key -> problems) and how many were checked."""
+
+    records: int = 0
+    bad: dict[str, list[str]] = field(default_factory=dict)
+    no_checksum: int = 0  # records written before checksums: their bytes had nothing to match
+
+
+def verify(store: ActivationStore, *, read_values: bool = True) -> Verification:
+    """Check every record, its checksum too when `read_values`."""
+    result = Verification()
     for key in store:
+        result.records += 1
         try:
-            problems = check_record(store[key], read_values=read_values)
+            record = store[key]
+            problems = check_record(record, read_values=read_values)
         except RecordFormatError as exc:
-            problems = [str(exc)]
+            problems = [exc.problem]
+        else:
+            result.no_checksum += record.checksum is None
         if problems:
-            bad[key] = problems
-    return bad
+            result.bad[shown_key(key)] = problems
+    return result

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hallulens_capture.errors import CaptureError, StoreError
+from hallulens_capture.errors import CaptureError, RecordFormatError, StoreError
 from hallulens_capture.keys import record_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import (
@@ -31,6 +31,7 @@ from hallulens_capture.record import (
     encode_record,
     utc_timestamp,
 )
+from hallulens_capture.report import layers_text, record_kind
 from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
 
@@ -76,6 +77,13 @@ class CaptureSession:
         self.model = model
         self.backend = backend
         self.dtype_label = CAPTURE_DTYPE_LABELS[spec.dtype]
+        self.kind = {  # what record_kind() of this run's records will be
+            "model": model,
+            "backend": backend,
+            "dtype": spec.dtype,
+            "capture_tokens": spec.tokens,
+            "layers": layers_text(self.layer_ids),
+        }
         self.store = ActivationStore(spec.path, writable=True, map_size_gb=spec.map_size_gb)
         self.written = 0
         self._scratch = bytearray()
@@ -115,17 +123,10 @@ class CaptureSession:
         if key not in self.store:
             return None
         record = self.store[key]
-        wanted = {
-            "model": self.model,
-            "backend": self.backend,
-            "capture_tokens": self.spec.tokens,
-            "dtype": self.spec.dtype,
-            "gen_kwargs": canonical_json(request.gen_kwargs),
-        }
-        found = {name: record.metadata.get(name, "") for name in wanted}  # stored canonical
-        differ = [f"{n}={found[n]!r} (now {wanted[n]!r})" for n in wanted if found[n] != wanted[n]]
-        if not np.array_equal(record.layer_ids, self.layer_ids):
-            differ.append(f"layers={record.layer_ids.tolist()} (now {self.layer_ids.tolist()})")
+        differ = _differences(
+            {**record_kind(record), "gen_kwargs": record.metadata.get("gen_kwargs", "")},
+            {**self.kind, "gen_kwargs": canonical_json(request.gen_kwargs)},  # stored canonical
+        )
         if differ:
             raise StoreError(
                 f"{self.spec.path} already holds record {key} for this prompt, made with "
@@ -174,9 +175,30 @@ class CaptureSession:
             "generated_token_ids": sample.generated_token_ids,
         }
         if self._writer is None:
+            self._warn_if_mixed()
             self._writer = threading.Thread(target=self._drain, name="hallulens-store", daemon=True)
             self._writer.start()
         self._queue.put((key, acts, index, metadata))
+
+    def _warn_if_mixed(self) -> None:
+        """Log once when the store holds records of another kind than this run's (a store mixing
+        models or settings is easy to analyse wrongly). Reads the headers of the records already
+        there, before this run's first record is written."""
+        for key in self.store:
+            try:
+                other = record_kind(self.store[key])
+            except RecordFormatError:  # `verify` reports it; it says nothing about kinds
+                continue
+            differ = _differences(other, self.kind)
+            if differ:
+                log.warning(
+                    "activation store %s holds records made with %s: this run adds a second "
+                    "kind of record to it (`hallulens activations stats` counts each kind; use a "
+                    "new activations= path to keep them apart)",
+                    self.spec.path,
+                    "; ".join(differ),
+                )
+                return
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -213,6 +235,10 @@ class CaptureSession:
                 self._writer.join()
                 self._writer = None
             self.store.close()
+
+
+def _differences(found: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    return [f"{n}={found[n]!r} (now {wanted[n]!r})" for n in wanted if found[n] != wanted[n]]
 
 
 def _span(positions: np.ndarray) -> str:

@@ -21,6 +21,7 @@ TOKEN_SCOPES = ("generated", "prompt", "all")
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAP_SIZE_GB = 16.0
 MIN_MAP_SIZE_GB = 1 / 1024  # 1 MiB; the store grows its map when full
+MAX_MAP_SIZE_GB = 1 << 17  # 128 TiB, a 64-bit process's whole address space (x86-64, arm64)
 
 _ITEM = re.compile(r"^(-?\d+)(?:\s*(?:-|:|\.\.)\s*(-?\d+))?$")
 
@@ -116,7 +117,11 @@ class CaptureSpec:
             )
         size = DEFAULT_MAP_SIZE_GB
         if map_size_gb is not None:
-            size = float(checked_number("map_size_gb", map_size_gb, minimum=MIN_MAP_SIZE_GB))
+            size = float(
+                checked_number(
+                    "map_size_gb", map_size_gb, minimum=MIN_MAP_SIZE_GB, maximum=MAX_MAP_SIZE_GB
+                )
+            )
         return cls(
             path=path,
             layers=_layer_items("all" if capture_layers is None else capture_layers),

@@ -25,6 +25,7 @@ from pathlib import Path
 import lmdb
 
 from hallulens_capture.errors import StoreError
+from hallulens_capture.lmdbfile import check_data_file, read_meta
 from hallulens_capture.record import Record
 from hallulens_capture.spec import DEFAULT_MAP_SIZE_GB
 
@@ -43,7 +44,64 @@ _ENVS: dict[str, list] = {}  # realpath -> [env, writable, users]
 _ENVS_LOCK = threading.Lock()
 
 
-def _acquire_env(path: str, writable: bool, map_size: int) -> lmdb.Environment:
+def _new_paths(path: str) -> list[Path]:
+    """The store's files and directories that do not exist yet, deepest first: what a failed
+    writable open removes again."""
+    root = Path(path)
+    files = [root / name for name in ("data.mdb", "lock.mdb") if not (root / name).exists()]
+    dirs = []
+    while not root.exists() and root != root.parent:
+        dirs.append(root)
+        root = root.parent
+    return files + dirs
+
+
+def _remove_new(paths: list[Path]) -> None:
+    """Undo a failed open: remove the files and directories it made, but only an empty directory
+    and a data file with no committed transaction (another process may have raced us)."""
+    for path in paths:
+        with contextlib.suppress(OSError, StoreError):
+            if path.name == "data.mdb":
+                meta = read_meta(str(path))
+                if meta is not None and meta.txnid != 0:
+                    return
+            path.rmdir() if path.is_dir() else path.unlink()
+
+
+def _open_env(path: str, writable: bool, map_size_gb: float, create: bool) -> lmdb.Environment:
+    """Open the LMDB environment after checking its data file; on failure leave nothing new."""
+    data = os.path.join(path, "data.mdb")
+    if os.path.isfile(data):
+        check_data_file(data)
+    elif not (writable and create):
+        raise StoreError(f"no activation store at {path} (no data.mdb)")
+    common = {"subdir": True, "max_dbs": _MAX_DBS, "max_readers": _MAX_READERS, "readahead": True}
+    if not writable:
+        try:
+            return lmdb.open(path, readonly=True, create=False, **common)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open activation store {path}: {exc}") from None
+    new = _new_paths(path)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        map_size = max(int(map_size_gb * _GIB), 1 << 20)
+        return lmdb.open(path, map_size=map_size, sync=False, metasync=False, **common)
+    except (lmdb.MemoryError, OverflowError):
+        _remove_new(new)
+        raise StoreError(
+            f"cannot map {map_size_gb:g} GB for activation store {path} "
+            f"(map_size_gb={map_size_gb:g}): not enough address space or memory; give a smaller "
+            "map_size_gb (the store grows its map when full)"
+        ) from None
+    except lmdb.Error as exc:
+        _remove_new(new)
+        raise StoreError(f"cannot open activation store {path}: {exc}") from None
+    except OSError as exc:
+        _remove_new(new)
+        raise StoreError(f"cannot create activation store {path}: {exc.strerror}") from None
+
+
+def _acquire_env(path: str, writable: bool, map_size_gb: float, create: bool) -> lmdb.Environment:
     real = os.path.realpath(path)
     with _ENVS_LOCK:
         entry = _ENVS.get(real)
@@ -54,24 +112,7 @@ def _acquire_env(path: str, writable: bool, map_size: int) -> lmdb.Environment:
                 )
             entry[2] += 1
             return entry[0]
-        common = {
-            "subdir": True,
-            "max_dbs": _MAX_DBS,
-            "max_readers": _MAX_READERS,
-            "readahead": True,
-        }
-        try:
-            if writable:
-                Path(path).mkdir(parents=True, exist_ok=True)
-                env = lmdb.open(path, map_size=map_size, sync=False, metasync=False, **common)
-            else:
-                if not os.path.isfile(os.path.join(path, "data.mdb")):
-                    raise StoreError(f"no activation store at {path} (no data.mdb)")
-                env = lmdb.open(path, readonly=True, create=False, **common)
-        except lmdb.Error as exc:
-            raise StoreError(f"cannot open activation store {path}: {exc}") from None
-        except OSError as exc:
-            raise StoreError(f"cannot create activation store {path}: {exc.strerror}") from None
+        env = _open_env(path, writable, map_size_gb, create)
         _ENVS[real] = [env, writable, 1]
         return env
 
@@ -93,6 +134,9 @@ def _release_env(path: str) -> None:
 class ActivationStore(Mapping[str, Record]):
     """Mapping of key -> Record over a read snapshot; `put()` when opened writable.
 
+    A writable store is created when missing unless `create=False` (labelling writes into an
+    existing store only); a read-only one never is.
+
     Reads see the store as it was when the snapshot began (first read after open, `refresh()`
     or a `put()`); arrays from records are views into the memory map, valid until the next
     `refresh()`, `put()` or `close()` of this object.
@@ -104,24 +148,26 @@ class ActivationStore(Mapping[str, Record]):
         *,
         writable: bool = False,
         map_size_gb: float = DEFAULT_MAP_SIZE_GB,
+        create: bool = True,
     ):
         self.path = os.fspath(path)
         self.writable = writable
-        self._env = _acquire_env(self.path, writable, max(int(map_size_gb * _GIB), 1 << 20))
+        self._env = _acquire_env(self.path, writable, map_size_gb, create)
+        self._max_key = self._env.max_key_size()
         self._txn: lmdb.Transaction | None = None
         try:
-            self._records, self._info = self._open_dbs()
+            self._records, self._info = self._open_dbs(create)
         except BaseException:
             _release_env(self.path)
             raise
 
-    def _open_dbs(self):
+    def _open_dbs(self, create: bool):
         env = self._env
         try:
             if self.writable:
                 with env.begin(write=True) as txn:
-                    records = env.open_db(_RECORDS, txn=txn, create=True)
-                    info = env.open_db(_INFO, txn=txn, create=True)
+                    records = env.open_db(_RECORDS, txn=txn, create=create)
+                    info = env.open_db(_INFO, txn=txn, create=create)
                     found = txn.get(b"format", db=info)
                     if found is None:
                         txn.put(b"format", STORE_FORMAT, db=info)
@@ -159,24 +205,31 @@ class ActivationStore(Mapping[str, Record]):
             self._txn.abort()
             self._txn = None
 
+    def _value(self, key: str) -> memoryview | None:
+        """The stored bytes under `key`; None for a key LMDB cannot hold (empty, too long)."""
+        raw = key.encode("utf-8", "surrogateescape")
+        if not 0 < len(raw) <= self._max_key:
+            return None
+        return self._snapshot().get(raw, db=self._records)
+
     def __getitem__(self, key: str) -> Record:
-        value = self._snapshot().get(key.encode("utf-8"), db=self._records)
+        value = self._value(key)
         if value is None:
             raise KeyError(key)
         return Record(key, value)
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        return self._snapshot().get(key.encode("utf-8"), db=self._records) is not None
+        return isinstance(key, str) and self._value(key) is not None
 
     def __len__(self) -> int:
         return self._snapshot().stat(self._records)["entries"]
 
     def __iter__(self) -> Iterator[str]:
+        """Keys as str; bytes that are not UTF-8 are kept as surrogates (as os.fsdecode does),
+        so every key can be looked up, and `store[key]` reports such a key as a bad record."""
         with self._snapshot().cursor(db=self._records) as cursor:
             for key in cursor.iternext(keys=True, values=False):
-                yield bytes(key).decode("utf-8")
+                yield bytes(key).decode("utf-8", "surrogateescape")
 
     def labels(self) -> dict[str, dict]:
         """Record key -> label entry (JSON) written by `put_labels`; empty before judging."""

@@ -45,7 +45,8 @@ def test_capture_through_stock_cli_with_user_tasks(tmp_path, reference_model):
         generated += [(task, json.loads(line)) for line in samples.read_text().splitlines()]
     with open_store(store_path) as store:
         assert len(store) == len(generated) == 8 + 24
-        assert verify(store) == {}
+        checked = verify(store)
+        assert checked.bad == {} and checked.no_checksum == 0
         for task, sample in generated:
             record = store[sample["prompt_hash"]]  # the harness's own hash is our key
             assert (record.task, record.doc_id) == (task, sample["doc_id"])

@@ -3,6 +3,7 @@
 import json
 import struct
 
+import crafted
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.numpy import load as safetensors_load
 
 from hallulens_capture.errors import RecordFormatError
 from hallulens_capture.record import Record, encode_record
+from hallulens_capture.report import check_record
 
 METADATA = {
     "prompt": "p",
@@ -80,3 +82,60 @@ def test_damaged_values_are_reported(damage, fragment):
     buf = make(np.zeros((3, 5, 8), dtype=np.float16))
     with pytest.raises(RecordFormatError, match=fragment):
         Record("k", damage(buf))
+
+
+@pytest.mark.parametrize("name", sorted(crafted.CRAFTED))
+def test_crafted_records_are_refused_with_one_line(name):
+    """Each of these once raised RecursionError, TypeError, OverflowError or AttributeError in a
+    reader, or parsed and then showed 4.6e18 or -3 tokens."""
+    value, fragment = crafted.CRAFTED[name]
+    with pytest.raises(RecordFormatError) as info:
+        Record("k", value)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("record k: ")
+
+
+def test_a_hand_built_record_without_checksum_still_reads():
+    """Records written before checksums (built here by hand from the documented layout) read as
+    before and have nothing to check against."""
+    tensors = crafted.arrays(layers=3, tokens=2, hidden=5, fill=1.5)
+    buf = crafted.valid(prompt="old", layers=3, tokens=2, hidden=5, fill=1.5)
+    record = Record(crafted.key_of("old"), buf)
+    np.testing.assert_array_equal(record.all_layers_activations, tensors["all_layers_activations"])
+    assert record.checksum is None
+    assert check_record(record) == []
+
+
+def test_the_checksum_is_crc32_of_the_tensor_bytes_and_safetensors_still_reads_it():
+    tensors = crafted.arrays(layers=2, tokens=3, hidden=4, fill=0.25)
+    index = {name: tensors[name] for name in list(tensors)[1:]}
+    meta = crafted.header(tensors)["__metadata__"]
+    buf = bytes(encode_record(tensors["all_layers_activations"], "F16", index, meta))
+    expected = crafted.header(tensors, checksum=True)["__metadata__"]["checksum"]
+    record = Record(crafted.key_of("crafted prompt"), buf)
+    assert record.checksum == expected == record.data_checksum()
+    assert check_record(record) == []
+    loaded = safetensors_load(buf)
+    np.testing.assert_array_equal(
+        loaded["all_layers_activations"], tensors["all_layers_activations"]
+    )
+    damaged = bytearray(buf)
+    damaged[-60] ^= 0x40  # a bit of the activations, after the header
+    problems = check_record(Record(record.key, damaged))
+    assert len(problems) == 1 and "do not match the record's checksum" in problems[0]
+    assert check_record(Record(record.key, damaged), read_values=False) == []
+
+
+def test_bad_gen_kwargs_are_a_problem_not_a_traceback():
+    for text in ("{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000):
+        buf = crafted.edited(crafted.set_path(("__metadata__", "gen_kwargs"), text))
+        record = Record(crafted.key_of("crafted prompt"), buf)
+        with pytest.raises(RecordFormatError, match="is not a JSON object"):
+            record.gen_kwargs  # noqa: B018
+        assert [p for p in check_record(record) if "gen_kwargs" in p]
+
+
+def test_a_key_that_is_not_utf8_is_refused():
+    key = b"\xff\xfe-not-utf8".decode("utf-8", "surrogateescape")
+    with pytest.raises(RecordFormatError, match=r"record b'\\xff\\xfe-not-utf8': key is not UTF-8"):
+        Record(key, crafted.valid())

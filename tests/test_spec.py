@@ -45,6 +45,7 @@ def test_layers_resolve(value, expected):
         ({"capture_dtype": "int8"}, "capture_dtype='int8'"),
         ({"map_size_gb": 0}, "map_size_gb=0"),
         ({"map_size_gb": "big"}, "map_size_gb='big'"),
+        ({"map_size_gb": "1e9"}, "map_size_gb='1e9' must be at most 131072"),
     ],
 )
 def test_bad_options_name_the_problem(kwargs, fragment):

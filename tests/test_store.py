@@ -1,16 +1,24 @@
-"""The LMDB store: round trip, map growth, no silent overwrite, readers beside a writer."""
+"""The LMDB store: round trip, map growth, no silent overwrite, readers beside a writer; and
+what a damaged store, an odd key, a huge map or a mixed store do to it."""
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from store_worker import sample
 
-from hallulens_capture import open_store
-from hallulens_capture.errors import StoreError
+from hallulens_capture import open_store, record_key
+from hallulens_capture.errors import RecordFormatError, StoreError
+from hallulens_capture.lmdbfile import check_data_file, read_meta
+from hallulens_capture.report import verify
+from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -160,3 +168,203 @@ def test_a_full_disk_reaches_the_caller_of_the_background_writer(tmp_path):
             i = int(key[1:])
             assert store[key].response == f"r{i}"
             assert np.all(store[key].all_layers_activations == i)
+
+
+def lmdb_facts(path) -> dict:
+    """What py-lmdb itself says about an environment (opened raw, read-only)."""
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8)
+    try:
+        info, psize = env.info(), env.stat()["psize"]
+    finally:
+        env.close()
+    return {"txnid": info["last_txnid"], "last_pgno": info["last_pgno"], "page_size": psize}
+
+
+def test_meta_pages_read_by_hand_agree_with_lmdb(tmp_path):
+    """Stores written by py-lmdb: through the store (map grown several times) and raw, after an
+    odd and an even number of commits (so each of the two meta pages is the current one)."""
+    import lmdb
+
+    written = tmp_path / "store"
+    with ActivationStore(written, writable=True, map_size_gb=1 / 1024) as store:
+        for i in range(12):
+            store.put(*sample(i))
+    raw = tmp_path / "raw"
+    txnids = []
+    for commits in (5, 1):
+        env = lmdb.open(str(raw), map_size=1 << 24)
+        for i in range(commits):
+            with env.begin(write=True) as txn:
+                txn.put(f"k{i}-{commits}".encode(), bytes(5000 * (i + 1)))
+        env.close()
+        facts = lmdb_facts(raw)
+        assert vars(read_meta(str(raw / "data.mdb"))) == facts
+        txnids.append(facts["txnid"])
+    assert txnids == [5, 6]  # meta page 1, then meta page 0 is the current one
+    facts = lmdb_facts(written)
+    meta = read_meta(str(written / "data.mdb"))
+    assert vars(meta) == facts and facts["txnid"] > 12
+    size = (written / "data.mdb").stat().st_size
+    assert meta.needed_bytes == (facts["last_pgno"] + 1) * facts["page_size"] <= size
+    check_data_file(str(written / "data.mdb"))
+
+
+OPEN_TRUNCATED = """
+import sys
+from hallulens_capture.errors import StoreError
+from hallulens_capture.store import ActivationStore
+try:
+    with ActivationStore(sys.argv[1], writable=sys.argv[2] == "write") as store:
+        print(sum(store[key].nbytes for key in store))
+except StoreError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("keep", ["half", 5000, 4200, 100])
+def test_a_truncated_store_is_refused_by_readers_and_the_writer(tmp_path, keep):
+    """Before: SIGBUS ("Bus error", exit 135) in `verify` and in the resuming writer. Each
+    open runs in its own process, so a bus error would show as a signal, not kill pytest."""
+    path = tmp_path / "s.lmdb"
+    with ActivationStore(path, writable=True) as store:
+        for i in range(20):
+            store.put(*sample(i))
+    facts = lmdb_facts(path)
+    data = path / "data.mdb"
+    size = data.stat().st_size // 2 if keep == "half" else keep
+    os.truncate(data, size)
+    before = data.read_bytes()
+    needed = (facts["last_pgno"] + 1) * facts["page_size"]
+    for mode in ("read", "write"):
+        result = subprocess.run(
+            [sys.executable, "-c", OPEN_TRUNCATED, str(path), mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+        message = result.stderr.strip()
+        assert "\n" not in message and message.startswith(f"{data} is {size} bytes")
+        if keep in ("half", 5000):
+            assert f"needs {needed} bytes: the store was truncated" in message
+        else:  # not even both meta pages are left
+            assert "too short for LMDB's" in message
+    verify = run_cli("hallulens", "activations", "verify", str(path), timeout=120)
+    assert verify.returncode == 1 and verify.stderr.startswith("hallulens: error: ")
+    assert len(verify.stderr.strip().splitlines()) == 1 and str(data) in verify.stderr
+    assert data.read_bytes() == before  # nothing was written to the damaged file
+
+
+def filled_store(path, n):
+    with ActivationStore(path, writable=True) as store:
+        for i in range(n):
+            store.put(*sample(i))
+    return path
+
+
+def test_a_huge_map_is_refused_naming_the_option_and_leaves_nothing(tmp_path):
+    new = tmp_path / "runs" / "a" / "s.lmdb"
+    with pytest.raises(StoreError) as info:
+        ActivationStore(new, writable=True, map_size_gb=1e9)
+    assert "map_size_gb=1e+09" in str(info.value) and "smaller map_size_gb" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    existing = filled_store(tmp_path / "kept.lmdb", 2)
+    data = (existing / "data.mdb").read_bytes()
+    with pytest.raises(StoreError, match="map_size_gb=1e\\+09"):
+        ActivationStore(existing, writable=True, map_size_gb=1e9)
+    assert sorted(p.name for p in existing.iterdir()) == ["data.mdb", "lock.mdb"]
+    assert (existing / "data.mdb").read_bytes() == data
+    with open_store(existing) as store:
+        assert len(store) == 2
+
+
+def test_keys_lmdb_cannot_hold_are_absent_and_undecodable_keys_are_bad_records(tmp_path):
+    import lmdb
+
+    path = filled_store(tmp_path / "s.lmdb", 1)
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"\xff\xfe" + b"0" * 62, bytes(sample(5)[1]), db=env.open_db(b"records", txn=txn))
+    env.close()
+    with open_store(path) as store:
+        for key in ("", "x" * 600):
+            assert key not in store
+            with pytest.raises(KeyError):
+                store[key]
+        keys = list(store)
+        assert len(keys) == 2
+        odd = next(k for k in keys if k != sample(0)[0])
+        assert odd in store
+        with pytest.raises(RecordFormatError, match=r"^record b'\\xff\\xfe0+': key is not UTF-8$"):
+            store[odd]
+        bad = verify(store).bad
+    assert list(bad.values()) == [["key is not UTF-8"]]
+
+
+def test_writing_labels_needs_an_existing_store(tmp_path):
+    """`hallulens activations label --store TYPO` used to create an empty store, print
+    {"labelled": 0, "unmatched": N} and exit 0."""
+    samples = tmp_path / "samples_precise_wikiqa_2026-01-01T00-00-00.000000.jsonl"
+    rows = [
+        {
+            "doc_id": i,
+            "doc": {"prompt": f"q{i}"},
+            "arguments": {"gen_args_0": {"arg_0": f"q{i}", "arg_1": {}}},
+            "resps": [["a"]],
+            "filtered_resps": [json.dumps({"label": "correct"})],
+        }
+        for i in range(3)
+    ]
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    typo = tmp_path / "runs" / "activatons.lmdb"
+    result = run_cli(
+        "hallulens", "activations", "label", "--samples", str(samples), "--store", str(typo)
+    )
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == f"hallulens: error: no activation store at {typo} (no data.mdb)"
+    assert not (tmp_path / "runs").exists()
+    import lmdb
+
+    plain = tmp_path / "plain"
+    env = lmdb.open(str(plain))
+    with env.begin(write=True) as txn:
+        txn.put(b"other", b"data")
+    env.close()
+    result = run_cli(
+        "hallulens", "activations", "label", "--samples", str(samples), "--store", str(plain)
+    )
+    assert result.returncode == 1 and "not an activation store" in result.stderr
+    env = lmdb.open(str(plain), readonly=True)
+    with env.begin() as txn:
+        assert [bytes(k) for k in txn.cursor().iternext(values=False)] == [b"other"]
+    env.close()
+
+
+def session_write(path, model, backend, n, caplog, run=0):
+    """Capture run `run` of `n` one-token prompts; returns the warnings it logged."""
+    spec = CaptureSpec.from_model_args(str(path), capture_tokens="prompt", environ={})
+    session = CaptureSession(spec, [0, 1], model, backend=backend)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hallulens_capture.session"):
+        for i in range(n):
+            acts = np.full((2, 1, 8), i, dtype=np.float16)
+            captured = CapturedSample(None, [i], [1], np.arange(1, dtype=np.int32), acts)
+            request = SampleRequest(f"{model} run {run} prompt {i}")
+            session.write(record_key(request.prompt), request, "r", captured)
+        session.close()
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_run_adding_a_second_kind_of_record_warns_once(tmp_path, caplog):
+    path = tmp_path / "s.lmdb"
+    assert session_write(path, "model-a", "hf", 2, caplog) == []
+    assert session_write(path, "model-a", "hf", 2, caplog, run=1) == []  # same kind: silent
+    warnings = session_write(path, "model-b", "gguf", 3, caplog)
+    assert len(warnings) == 1
+    assert "holds records made with model='model-a' (now 'model-b'); backend='hf'" in warnings[0]
+    assert "second kind of record" in warnings[0]
+    with open_store(path) as store:
+        assert len(store) == 7

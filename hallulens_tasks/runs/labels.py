@@ -45,7 +45,7 @@ def label_store(sample_paths: list[Path], store_path: str) -> dict:
     labels: dict[str, dict] = {}
     unmatched = 0
     skipped: list[str] = []
-    with ActivationStore(store_path, writable=True) as store:
+    with ActivationStore(store_path, writable=True, create=False) as store:
         for path in sample_paths:
             samples = read_samples(path)
             if family_of_task(samples.task) is None:
