@@ -379,6 +379,7 @@ def test_generated_entities_round_robin(tmp_path, monkeypatch):
         code = generate("nonsense_generated_entities", server, out, tmp_path / "c.sqlite", *args)
         assert code == 0
         bodies = list(server.bodies)
+        port = server.port
     rows = read_rows(out, "nonsense_generated_entities")
     assert load_prompt_set("nonsense_generated_entities", out) == rows
     counts: dict[tuple, int] = {}
@@ -421,7 +422,7 @@ def test_generated_entities_round_robin(tmp_path, monkeypatch):
     # the pluggable existence check drops the names it says exist
     checked = tmp_path / "checked"
     args += ["--existence-check", "test_generate:exists_if_ends_in_1"]
-    with JudgeServer(scripted_names, pass_body=True) as server:
+    with JudgeServer(scripted_names, pass_body=True, port=port) as server:  # the same server
         code = generate(
             "nonsense_generated_entities", server, checked, tmp_path / "c.sqlite", *args
         )
