@@ -30,7 +30,7 @@ DB_NAME = "enwiki-20230401.db"
 ENV_WIKI_DB = "HALLULENS_WIKI_DB"
 WHERE_UPSTREAM_GETS_IT = (
     "upstream HalluLens downloads it with `python -m data.download_data --all` from FActScore's "
-    "Google Drive (file id 1mekls6OGOKLmt7gYtHs0WGf5oTamTNat, about 20 GB)"
+    "Google Drive (file id 1mekls6OGOKLmt7gYtHs0WGf5oTamTNat; FActScore lists it as 18 GB)"
 )
 
 
