@@ -316,11 +316,12 @@ def test_fts5_index_finds_the_passage_of_a_claims_words_and_is_built_once(tmp_pa
         ("The tower is of red sandstone.", ("Quillmere Abbey", 1)),
         ("It opened to readers in Oxford in 1602.", ("Bodleian Library", 0)),
     ]:
-        top = index.top(pages, f"Quillmere Abbey {claim}")
+        [top] = index.rank(pages, [f"Quillmere Abbey {claim}"])
         assert (top[0].title, top[0].index) == best, claim
         assert top[0].text == PAGES[best[0]][best[1]]
-    bridge = index.top(["Varnholt Bridge"], "Varnholt Bridge was restored in 1954")
+    [bridge] = index.rank(["Varnholt Bridge"], ["Varnholt Bridge was restored in 1954"])
     assert [(p.title, p.index) for p in bridge] == [("Varnholt Bridge", 1), ("Varnholt Bridge", 0)]
+    assert index.rank(["Bodleian Library"], ["zzyzx"]) == [[]]  # no shared term, no passage
     index.close()
     before = index.path.stat()
     again = PassageIndex(db)

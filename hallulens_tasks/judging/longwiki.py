@@ -152,18 +152,19 @@ def _stages(
                 if claims_of is None:
                     sentences[i]["claims"] = None
             continue  # unparseable: nothing more is asked about this answer
-        pages = candidate_pages(db, docs[d]["title"], docs[d]["prompt"])
+        topic = docs[d]["title"]
         unique = unique_claims([claims_of for _, claims_of in found])
-        for (i, _), kept in zip(found, unique, strict=True):
-            for text in kept:
-                passages = index.top(pages, f"{docs[d]['title']} {text}")
-                unmatched += not passages
-                claim = {
-                    "claim": text,
-                    "evidence": [{"title": p.title, "passage": p.index} for p in passages],
-                }
-                sentences[i]["claims"].append(claim)
-                claims.append((claim, _verification_item(text, passages)))
+        texts = [(i, text) for (i, _), kept in zip(found, unique, strict=True) for text in kept]
+        pages = candidate_pages(db, topic, docs[d]["prompt"])
+        ranked = index.rank(pages, [f"{topic} {text}" for _, text in texts])
+        for (i, text), passages in zip(texts, ranked, strict=True):
+            unmatched += not passages
+            claim = {
+                "claim": text,
+                "evidence": [{"title": p.title, "passage": p.index} for p in passages],
+            }
+            sentences[i]["claims"].append(claim)
+            claims.append((claim, _verification_item(text, passages)))
     if unmatched:
         log.warning(
             "LongWiki: %d claim(s) share no word with any passage of their candidate pages "
