@@ -38,7 +38,7 @@ from hallulens_tasks.judging.wikipedia import WikiDB, WikiDBError, split_passage
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "hallulens-bm25/1"
+INDEX_FORMAT = "hallulens-bm25/2"
 TOKENIZER = "porter unicode61 remove_diacritics 2"
 K1, B = 1.2, 0.75  # BM25's usual constants, as FTS5's bm25()
 TOP_K = 5
@@ -149,13 +149,16 @@ class PassageIndex:
     def _document_frequencies(self, terms: set[str]) -> dict[str, int]:
         """How many passages of the database hold each term (counted once, then kept)."""
         found = {}
-        for term in sorted(terms):
-            row = self._conn.execute("SELECT n FROM df WHERE term = ?", (term,)).fetchone()
-            if row is None:
-                row = self._conn.execute("SELECT doc FROM vocab WHERE term = ?", (term,)).fetchone()
-                row = row or (0,)
-                self._conn.execute("INSERT OR REPLACE INTO df VALUES (?, ?)", (term, row[0]))
-            found[term] = row[0]
+        try:
+            for term in sorted(terms):
+                row = self._conn.execute("SELECT n FROM df WHERE term = ?", (term,)).fetchone()
+                if row is None:
+                    counted = self._conn.execute("SELECT doc FROM vocab WHERE term = ?", (term,))
+                    row = counted.fetchone() or (0,)
+                    self._conn.execute("INSERT OR REPLACE INTO df VALUES (?, ?)", (term, row[0]))
+                found[term] = row[0]
+        except sqlite3.Error as exc:
+            raise WikiDBError(f"BM25 index {self.path}: {exc} (delete it to rebuild)") from None
         return found
 
     def rank(
