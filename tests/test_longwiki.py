@@ -25,7 +25,7 @@ from hallulens_tasks.judging.claims import split_sentences
 from hallulens_tasks.judging.offline import judge_run
 from hallulens_tasks.judging.retrieval import PassageIndex, candidate_pages
 from hallulens_tasks.judging.verdicts import parse_claims
-from hallulens_tasks.judging.wikipedia import WikiDB
+from hallulens_tasks.judging.wikipedia import WikiDB, sample_db
 from hallulens_tasks.llm.spec import LLMError
 from hallulens_tasks.runs.legacy import export_legacy
 
@@ -362,6 +362,19 @@ def test_sentences_keep_their_spans():
         "Done.",
     ]
     assert all(text[s.start : s.end] == s.text for s in sentences)
+
+
+def test_sample_wikipedia_holds_the_sample_sets_topics_in_factscores_format():
+    shipped = Path(__file__).parents[1] / "hallulens_tasks" / "data" / "longwiki"
+    pages = [json.loads(x) for x in (shipped / "wiki_pages.jsonl").read_text().splitlines()]
+    questions = [json.loads(x) for x in (shipped / "prompts.jsonl").read_text().splitlines()]
+    with sqlite3.connect(sample_db()) as db:
+        stored = dict(db.execute("SELECT title, text FROM documents"))
+    db.close()
+    assert stored == {p["title"]: SEPARATOR.join(p["passages"]) for p in pages}
+    for question in questions:
+        assert question["title"] in stored
+        assert question["reference"] in stored[question["title"]].split(SEPARATOR)
 
 
 def _judge_cli(tmp_path: Path, db: str) -> tuple[int, list[str]]:
