@@ -26,6 +26,7 @@ from hallulens_tasks.judging.claims import extraction_items, split_sentences, un
 from hallulens_tasks.judging.judge import Judge, JudgeItem, flag_item, judged_entry
 from hallulens_tasks.judging.retrieval import PassageIndex, candidate_pages
 from hallulens_tasks.judging.wikipedia import WikiDB, WikiDBError, locate_db
+from hallulens_tasks.llm.spec import LLMError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def recall_k() -> int:
     raw = os.environ.get(ENV_K, "").strip()
     if not raw:
         return DEFAULT_K
-    return int(checked_number(ENV_K, raw, minimum=1, integer=True, error=WikiDBError))
+    return int(checked_number(ENV_K, raw, minimum=1, integer=True, error=LLMError))
 
 
 def check_pages(db: WikiDB, topics: Sequence[str]) -> None:

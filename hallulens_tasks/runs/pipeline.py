@@ -73,6 +73,14 @@ def _harness_task(args: argparse.Namespace) -> str:
     return args.task if len(types) > 1 else f"{args.task}_{types[0]}"
 
 
+def _judge_env(args: argparse.Namespace) -> dict[str, str]:
+    """LongWiki's judge settings from upstream's flags (the task checks them when it loads)."""
+    env = {ENV_WIKI_DB: args.db_path} if args.db_path else {}
+    if args.k is not None:
+        env[ENV_K] = str(args.k)
+    return env
+
+
 def _generate(args: argparse.Namespace, data_dir: Path) -> None:
     command = _hallulens(
         "generate", args.task, "--N", str(args.N), "--seed", str(args.seed), "--out", str(data_dir)
@@ -99,7 +107,7 @@ def _infer(args: argparse.Namespace, data_dir: Path, results: Path) -> None:
     command += ["--gen_kwargs", f"max_gen_toks={max_tokens}"]
     command += ["--output_path", str(results), "--log_samples", "--predict_only"]
     command += ["--seed", str(args.seed)]
-    _run(command, {ENV_DATA_DIR: str(data_dir)})
+    _run(command, {ENV_DATA_DIR: str(data_dir), **_judge_env(args)})
 
 
 def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> bool:
@@ -108,10 +116,7 @@ def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> bool:
     if not samples:
         raise PipelineError(f"no samples_*.jsonl under {results}: run with --do_inference first")
     judged = results / "judged"
-    env = {ENV_WIKI_DB: args.db_path} if args.db_path else {}
-    if args.k is not None:
-        env[ENV_K] = str(args.k)
-    _run(_hallulens("judge", *map(str, samples), "--output_path", str(judged)), env)
+    _run(_hallulens("judge", *map(str, samples), "--output_path", str(judged)), _judge_env(args))
     judged_files = [judged / path.name for path in samples]
     labelled = Path(args.lmdb_path, "data.mdb").is_file()
     if labelled:
