@@ -127,34 +127,58 @@ def _stages(
         {"k": k, "judgements": {"abstention": judged_entry(j)}, "sentences": []}
         for j in abstentions
     ]
-    # stage 2: the facts of every sentence of the knowledgeable answers
+    knowledgeable = [d for d, j in enumerate(abstentions) if j.verdict is True]
+    extracted = _extract_claims(judge, knowledgeable, responses, outcomes)
+    claims = _gather_evidence(db, index, docs, outcomes, extracted)
+    for (claim, _), judgement in zip(claims, judge.run([i for _, i in claims]), strict=True):
+        claim.update(supported=judgement.verdict, raw=judgement.raw, attempts=judgement.attempts)
+    for outcome in outcomes:
+        outcome["label"] = _label(outcome)
+    return outcomes
+
+
+def _extract_claims(
+    judge: Judge, knowledgeable: list[int], responses: Sequence[str], outcomes: list[dict]
+) -> dict[int, list[tuple[int, list[str] | None]]]:
+    """Stage 2: per answer, (sentence index, its facts or None if unreadable) of each sentence
+    asked about; the sentences, with their spans and extraction replies, go into `outcomes`."""
     asked: list[tuple[int, int, JudgeItem]] = []
-    for d, judgement in enumerate(abstentions):
-        if judgement.verdict is not True:
-            continue
+    for d in knowledgeable:
         sentences = split_sentences(responses[d])
         outcomes[d]["sentences"] = [
             {"text": s.text, "span": [s.start, s.end], "claims": []} for s in sentences
         ]
         asked.extend((d, i, item) for i, item in extraction_items(sentences).items())
-    extracted = judge.run([item for _, _, item in asked])
-    per_doc: dict[int, list[tuple[int, list[str] | None]]] = {}
-    for (d, i, _), judgement in zip(asked, extracted, strict=True):
-        entry = outcomes[d]["sentences"][i]
-        entry["extraction"] = {"raw": judgement.raw, "attempts": judgement.attempts}
-        per_doc.setdefault(d, []).append((i, judgement.verdict))
-    # stages 3 and 4: evidence for each claim, then its verdict
+    extracted: dict[int, list[tuple[int, list[str] | None]]] = {}
+    for (d, i, _), judgement in zip(asked, judge.run([a[2] for a in asked]), strict=True):
+        outcomes[d]["sentences"][i]["extraction"] = {
+            "raw": judgement.raw,
+            "attempts": judgement.attempts,
+        }
+        extracted.setdefault(d, []).append((i, judgement.verdict))
+    return extracted
+
+
+def _gather_evidence(
+    db: WikiDB,
+    index: PassageIndex,
+    docs: Sequence[dict],
+    outcomes: list[dict],
+    extracted: dict[int, list[tuple[int, list[str] | None]]],
+) -> list[tuple[dict, JudgeItem]]:
+    """Stage 3: each answer's unique claims with their evidence, in `outcomes`; returns every
+    claim with its verification item. An answer with an unreadable extraction gets none."""
     claims: list[tuple[dict, JudgeItem]] = []
     unmatched = 0
-    for d, found in per_doc.items():
+    for d, found in extracted.items():
         sentences = outcomes[d]["sentences"]
-        if any(claims_of is None for _, claims_of in found):
-            for i, claims_of in found:
-                if claims_of is None:
+        if any(facts is None for _, facts in found):
+            for i, facts in found:
+                if facts is None:
                     sentences[i]["claims"] = None
             continue  # unparseable: nothing more is asked about this answer
         topic = docs[d]["title"]
-        unique = unique_claims([claims_of for _, claims_of in found])
+        unique = unique_claims([facts for _, facts in found])
         texts = [(i, text) for (i, _), kept in zip(found, unique, strict=True) for text in kept]
         pages = candidate_pages(db, topic, docs[d]["prompt"])
         ranked = index.rank(pages, [f"{topic} {text}" for _, text in texts])
@@ -172,11 +196,7 @@ def _stages(
             "(the topic and the titles in the question); they are verified without evidence",
             unmatched,
         )
-    for (claim, _), judgement in zip(claims, judge.run([i for _, i in claims]), strict=True):
-        claim.update(supported=judgement.verdict, raw=judgement.raw, attempts=judgement.attempts)
-    for outcome in outcomes:
-        outcome["label"] = _label(outcome)
-    return outcomes
+    return claims
 
 
 def answer_scores(outcome: dict) -> dict[str, float]:
