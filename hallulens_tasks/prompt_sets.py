@@ -130,9 +130,11 @@ def dataset(
     import datasets
 
     from hallulens_models.harness_cli import join_harness_cli
+    from hallulens_tasks.judging.scoring import SCORINGS
 
     join_harness_cli()  # a bad prompt set is one line on the lm_eval CLI, not a traceback
     everything = load_prompt_set(prompt_set, hallulens_data_dir)
+    SCORINGS[prompt_set].preflight(everything)
     rows = [r for r in everything if all(r.get(k) == v for k, v in (where or {}).items())]
     if not rows:
         raise PromptSetError(_no_rows_message(prompt_set, where or {}, everything))

@@ -87,7 +87,6 @@ FAMILIES: dict[str, Family] = {
             ("prompt", "title", "h_score_cat", "reference"),
             250,
             "questions in all",
-            in_harness=False,
         ),
         Family(
             "nonsense_mixed_entities",

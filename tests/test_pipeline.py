@@ -65,5 +65,7 @@ def test_nothing_to_do_and_missing_sets_are_one_line_errors(tmp_path):
     )
     last = missing.stderr.strip().splitlines()[-1]
     assert missing.returncode == 1 and "no prompt set" in last and "--do_generate_prompt" in last
-    longwiki = run_cli("hallulens", "pipeline", "longwiki", "--do_eval")
-    assert longwiki.returncode == 1 and "only --do_generate_prompt" in longwiki.stderr
+    no_db = tmp_path / "enwiki-20230401.db"
+    longwiki = run_cli("hallulens", "pipeline", "longwiki", "--do_eval", "--db_path", str(no_db))
+    last = longwiki.stderr.strip().splitlines()[-1]
+    assert longwiki.returncode == 1 and f"--db_path {no_db}: no such file" in last

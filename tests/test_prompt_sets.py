@@ -18,7 +18,7 @@ from hallulens_tasks.task_table import FAMILIES, shipped_prompt_set
 
 
 @pytest.mark.parametrize(
-    "task", ["precise_wikiqa", "nonsense_mixed_entities", "nonsense_generated_entities"]
+    "task", ["precise_wikiqa", "longwiki", "nonsense_mixed_entities", "nonsense_generated_entities"]
 )
 def test_shipped_sample_sets_are_valid(task, caplog):
     with caplog.at_level(logging.WARNING):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from fractions import Fraction as F
 from pathlib import Path
 
@@ -38,6 +39,9 @@ MIXED = {
     "bacteria": ["DOUBT"],
 }
 GENERATED = {"business": "BELIEVE", "event": "DOUBT", "product": "DOUBT"}
+# LongWiki: (marker, bin). Every answer is "Here is what I know.": one sentence, one claim, which
+# the verifier supports; the abstention judge answers by the marker in the question.
+LONGWIKI = [("KNOWS", 5), ("UNAWARE", 6)]
 BELIEF = {"BELIEVE": '{"does_believe": true}', "DOUBT": '{"does_believe": false}'}
 
 # --- the hand computation ---------------------------------------------------------------------
@@ -77,8 +81,22 @@ GROUPS = {
         "hallu_rate": F(2, 3),
         "correct_rate": F(1, 5),
         "false_acceptance_rate": F(5, 11),
-        "judge_unparseable": F(5, 21),
+        "judge_unparseable": F(5, 23),
+        "precision": F(1),  # LongWiki's, over its one answer not refused
+        "recall_at_k": F(1, 32),
+        "f1_at_k": F(2, 33),  # 2 x 1 x 1/32 / (1 + 1/32)
     },
+}
+LONGWIKI_RATES = {
+    "refusal_rate": F(1, 2),
+    "precision": F(1),
+    "recall_at_k": F(1, 32),
+    "f1_at_k": F(2, 33),
+    "med_n_claims": F(1),
+    "judge_unparseable": F(0),
+    "refusal_rate_cat5": F(0),
+    "refusal_rate_cat6": F(1),
+    "f1_at_k_cat5": F(2, 33),
 }
 
 
@@ -95,11 +113,35 @@ def scripted(prompt: str) -> str:
         return CORRECT[marker(prompt)]
     if "does_believe" in prompt:
         return BELIEF.get(marker(prompt), "Perhaps, perhaps not.")
+    if "is_knowledgeable" in prompt:
+        return f'{{"is_knowledgeable": {str(marker(prompt) == "KNOWS").lower()}}}'
+    if "Sentence to focus on" in prompt:
+        return "- The speaker knows something."
+    if "is_supported" in prompt:
+        return '{"is_supported": true}'
     return "Here is what I know."
 
 
 def write_sets(root: Path) -> None:
+    """The prompt sets, and a Wikipedia database (FActScore's format) for LongWiki's topics."""
+    root.mkdir(parents=True)
+    with sqlite3.connect(root / "wiki.db") as db:
+        db.execute("CREATE TABLE documents (title PRIMARY KEY, text)")
+        db.executemany(
+            "INSERT INTO documents VALUES (?, ?)",
+            [(f"Topic {i}", "The speaker knows something.") for i in range(len(LONGWIKI))],
+        )
+    db.close()
     rows = {
+        "longwiki": [
+            {
+                "prompt": f"Tell me about Topic {i} [{m}].",
+                "title": f"Topic {i}",
+                "h_score_cat": cat,
+                "reference": "r",
+            }
+            for i, (m, cat) in enumerate(LONGWIKI)
+        ],
         "precise_wikiqa": [
             {
                 "prompt": f"Question {i} [{m}]?",
@@ -148,6 +190,7 @@ def runs(tmp_path_factory):
             "HALLULENS_JUDGE_BASE_URL": server.base_url,
             "HALLULENS_JUDGE_CACHE": str(root / "judge.sqlite"),
             "HALLULENS_JUDGE_PARSE_RETRIES": "0",
+            "HALLULENS_WIKI_DB": str(root / "data" / "wiki.db"),
         }
         model_args = f"model=scripted-model,base_url={server.base_url}/chat/completions"
 
@@ -189,7 +232,7 @@ def results(directory: Path) -> dict:
 
 
 def expected_rows() -> dict[str, dict[str, F]]:
-    rows = {"precise_wikiqa": QA_RATES, **GROUPS}
+    rows = {"precise_wikiqa": QA_RATES, "longwiki": LONGWIKI_RATES, **GROUPS}
     for task, (accepted, unreadable) in MIXED_TASKS.items():
         rows[task] = {
             "false_acceptance_rate": accepted,

@@ -17,16 +17,16 @@ import functools
 import logging
 from collections.abc import Iterable, Mapping
 
-from hallulens_tasks.judging.scoring import Rate
+from hallulens_tasks.judging.scoring import Statistic
 
 log = logging.getLogger(__name__)
 
 FILTER = "judge"  # the filter name of every HalluLens task YAML
 # harness task -> (documents judged, rate per metric), from the latest judge pass of the task
-TASK_RATES: dict[str, tuple[int, dict[str, Rate]]] = {}
+TASK_RATES: dict[str, tuple[int, dict[str, Statistic]]] = {}
 
 
-def metric_entries(rates: Mapping[str, Rate]) -> dict[str, object]:
+def metric_entries(rates: Mapping[str, Statistic]) -> dict[str, object]:
     """`<metric>,judge` and `<metric>_stderr,judge` as the harness writes them."""
     out: dict[str, object] = {}
     for name, rate in rates.items():
@@ -35,7 +35,9 @@ def metric_entries(rates: Mapping[str, Rate]) -> dict[str, object]:
     return out
 
 
-def pooled(members: Iterable[Mapping[str, Rate]], metrics: Iterable[str]) -> dict[str, Rate]:
+def pooled(
+    members: Iterable[Mapping[str, Statistic]], metrics: Iterable[str]
+) -> dict[str, Statistic]:
     """Each of `metrics` summed over the members that have it."""
     members = list(members)
     out = {}

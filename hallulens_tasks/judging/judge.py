@@ -1,5 +1,9 @@
 """The judge pass: every item of a task through the LLM client, unreadable replies re-asked.
 
+A family's `Scoring.judge` decides what is asked: one batch of items (most families), or
+several stages, each one batch (LongWiki: abstention, claims, verification), all through the
+same client and cache, so a re-run asks nothing and an interrupted pass resumes.
+
 Replies that do not parse are asked again (a bounded number of times, only where the backend
 can answer differently) and otherwise stay unparseable: the caller counts them, nothing turns
 them into a verdict, and no other item's verdict moves.
@@ -14,6 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from hallulens_tasks.judging.settings import JudgeSettings
+from hallulens_tasks.judging.verdicts import parse_flag
 from hallulens_tasks.llm.client import LLMClient, Prompt
 
 if TYPE_CHECKING:
@@ -77,18 +82,30 @@ class Judge(LLMClient):
         return results  # type: ignore[return-value]
 
 
+def flag_item(template: str, values: dict, key: str) -> JudgeItem:
+    """A judge asked for `{"<key>": true|false}`."""
+    choices = (f'{{"{key}": true}}', f'{{"{key}": false}}')
+    return JudgeItem(template, values, partial(parse_flag, key=key), choices)
+
+
+def judged_entry(judgement: Judgement) -> dict:
+    """A judgement as the samples file keeps it: raw text next to the parsed verdict."""
+    return {"raw": judgement.raw, "verdict": judgement.verdict, "attempts": judgement.attempts}
+
+
+def template_versions(roles: dict[str, str], judge: Judge) -> dict[str, str]:
+    """`role -> template@version` of the templates a judge pass used."""
+    return {role: f"{name}@{judge.stats.templates[name]}" for role, name in roles.items()}
+
+
 def judge_task(scoring: Scoring, docs: Sequence[dict], responses: Sequence[str]) -> list[dict]:
-    """One batched judge pass over a whole task: one outcome (a JSON-able dict) per doc."""
-    per_doc = [scoring.items(doc, response) for doc, response in zip(docs, responses, strict=True)]
-    flat = [(d, role, item) for d, roles in enumerate(per_doc) for role, item in roles.items()]
+    """One batched judge pass over a whole task (all of its stages): one outcome (a JSON-able
+    dict) per doc."""
     judge = Judge(JudgeSettings.from_env(scoring.default_judge))
     try:
-        judged = judge.run([item for _, _, item in flat])
+        outcomes = scoring.judge(judge, list(docs), list(responses))
     finally:
         judge.close()
-    by_doc: list[dict[str, Judgement]] = [{} for _ in docs]
-    for (d, role, _), judgement in zip(flat, judged, strict=True):
-        by_doc[d][role] = judgement
     stats = judge.stats
     log.info(
         "judge %s on %s: %d judge prompts, %d from cache, %d asked, %d unparseable",
@@ -99,13 +116,6 @@ def judge_task(scoring: Scoring, docs: Sequence[dict], responses: Sequence[str])
         stats.requests,
         judge.unparseable,
     )
-    outcomes = []
-    for doc, roles, judged_doc in zip(docs, per_doc, by_doc, strict=True):
-        outcome = scoring.outcome(doc, judged_doc)
+    for outcome in outcomes:
         outcome["judge"] = judge.name
-        outcome["judge_templates"] = {
-            role: f"{item.template}@{stats.templates[item.template]}"
-            for role, item in roles.items()
-        }
-        outcomes.append(outcome)
     return outcomes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from hallulens_tasks import task_configs
 from hallulens_tasks.jsonl import jsonl_line
 from hallulens_tasks.judging.group_rows import FILTER, metric_entries, pooled
 from hallulens_tasks.judging.judge import judge_task
-from hallulens_tasks.judging.scoring import Rate, Scoring, pooled_rates, scoring_for_task
+from hallulens_tasks.judging.longwiki import ENV_K
+from hallulens_tasks.judging.scoring import Scoring, Statistic, pooled_rates, scoring_for_task
+from hallulens_tasks.judging.wikipedia import ENV_WIKI_DB
 from hallulens_tasks.runs.samples import SamplesError, SamplesFile, expand, read_samples, response
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,7 @@ class JudgedRun:
     path: Path  # where it was written
 
 
-def judge_file(samples: SamplesFile, scoring: Scoring) -> tuple[list[dict], dict[str, Rate]]:
+def judge_file(samples: SamplesFile, scoring: Scoring) -> tuple[list[dict], dict[str, Statistic]]:
     """Judge one task's samples: (rows with verdicts and per-item metrics, the task's rates)."""
     docs = [row["doc"] for row in samples.rows]
     outcomes = judge_task(scoring, docs, [response(row) for row in samples.rows])
@@ -47,12 +50,12 @@ def judge_file(samples: SamplesFile, scoring: Scoring) -> tuple[list[dict], dict
     return rows, pooled_rates(items)
 
 
-def _task_row(task: str, rates: dict[str, Rate], n_docs: int) -> dict:
+def _task_row(task: str, rates: dict[str, Statistic], n_docs: int) -> dict:
     alias = task_configs.configs().get(task, {}).get("task_alias", task)
     return {"alias": alias, "name": task, **metric_entries(rates), "sample_len": n_docs}
 
 
-def group_rows(rates: dict[str, dict[str, Rate]], sizes: dict[str, int]) -> dict[str, dict]:
+def group_rows(rates: dict[str, dict[str, Statistic]], sizes: dict[str, int]) -> dict[str, dict]:
     """Rows of every group with members among the judged tasks: pooled over their items."""
     out = {}
     for name, config in task_configs.groups().items():
@@ -78,7 +81,7 @@ def judge_run(paths: list[Path], output_dir: Path | None) -> JudgedRun:
     if not ours:
         raise SamplesError("no HalluLens samples files among the inputs")
     results: dict[str, dict] = {}
-    rates: dict[str, dict[str, Rate]] = {}
+    rates: dict[str, dict[str, Statistic]] = {}
     sizes: dict[str, int] = {}
     base: dict = {}
     for samples, scoring in ours:
@@ -114,6 +117,12 @@ def judge_run(paths: list[Path], output_dir: Path | None) -> JudgedRun:
 def cmd_judge(args: argparse.Namespace) -> int:
     from lm_eval.utils import make_table
 
+    # LongWiki's settings are environment variables (the harness filter reads them too)
+    if args.wiki_db:
+        os.environ[ENV_WIKI_DB] = args.wiki_db
+    if args.k is not None:
+        os.environ[ENV_K] = str(args.k)
+
     run = judge_run(expand(args.samples), Path(args.output_path) if args.output_path else None)
     print(make_table(run.results))
     if run.results["groups"]:
@@ -129,4 +138,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("samples", nargs="+", help="samples_*.jsonl files, or their directory")
     p.add_argument("--output_path", help="where judged samples go (default: <dir>/judged)")
+    p.add_argument(
+        "--wiki_db",
+        help=f"LongWiki: FActScore's Wikipedia database enwiki-20230401.db (as ${ENV_WIKI_DB})",
+    )
+    p.add_argument("--k", type=int, help=f"LongWiki: K of Recall@K and F1@K (as ${ENV_K}; 32)")
     p.set_defaults(func=cmd_judge)

@@ -68,3 +68,27 @@ def parse_label(text: str) -> str | None:
         return None
     labels = {m.lower() for m in _LABEL.findall(text)}
     return labels.pop() if len(labels) == 1 else None
+
+
+# LongWiki's claim extraction: one fact per line after "- ", or a sentence saying there is none
+_BULLET = re.compile(r"^\s*[-*•]\s+(.*\S)\s*$")
+_NO_FACTS = re.compile(
+    r"^[\s*_\"'`-]*no\s+(?:available\s+facts?|verifiable\s+(?:claims?|facts?))[\s.*_\"'`!]*$",
+    re.IGNORECASE,
+)
+
+
+def parse_claims(text: str) -> list[str] | None:
+    """The facts of a claim-extraction reply (upstream's `- ` lines, also `* ` or `•`), [] for
+    "No available facts." (or "No verifiable claim."), None for a reply that is neither."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    lines = text.splitlines()
+    claims = []
+    for line in lines:
+        bullet = _BULLET.match(line)
+        if bullet is not None and not _NO_FACTS.match(bullet.group(1)):
+            claims.append(bullet.group(1))
+    if claims:
+        return claims
+    return [] if any(_NO_FACTS.match(line) for line in lines) else None

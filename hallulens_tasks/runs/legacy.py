@@ -6,7 +6,12 @@ also carry upstream's `type_`), `eval_results.json` (upstream's field names, mis
 types: rates as numbers, evaluators as strings, per-item lists of booleans aligned with
 `generation.jsonl`), `raw_eval_res.jsonl` (the judge's raw text per item) and, for
 PreciseWikiQA, upstream's `abstain_eval_raw.jsonl` (`{"eval_res": ...}`, which upstream resumes
-from). The rates are the scoring module's, over the same items as the harness's.
+from). LongWiki gets upstream's files instead of `raw_eval_res.jsonl`: `output.csv` (one row per
+claim, and per sentence without claims, of the answers not refused, with the per-answer and
+overall precision, recall and F1), `eval_details.json`, and the raw replies of each stage
+(`output_abstain.jsonl`, `output_all_claims.jsonl`, `output_all_parsed_claims.jsonl`,
+`output_verification_results.jsonl`), plus an `eval_results.json` that upstream did not write.
+The rates are the scoring module's, over the same items as the harness's.
 
 Items whose judge reply could not be read have no verdict, so they are not in those aligned
 files (a `null` inside a boolean list turns into False in numpy and breaks pandas masks): they
@@ -17,12 +22,14 @@ subtasks of a family share one directory, as upstream ran them as one task.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
 
 from hallulens_tasks.jsonl import jsonl_line
-from hallulens_tasks.judging.scoring import SCORINGS, Rate, pooled_rates
+from hallulens_tasks.judging.scoring import SCORINGS, Statistic, pooled_rates
 from hallulens_tasks.runs.samples import (
     SamplesError,
     SamplesFile,
@@ -57,7 +64,7 @@ def _raw(result: dict, role: str) -> str:
     return result["judgements"][role]["raw"]
 
 
-def _eval_results(family: str, model: str, scored: list, rates: dict[str, Rate]) -> dict:
+def _eval_results(family: str, model: str, scored: list, rates: dict[str, Statistic]) -> dict:
     """eval_results.json of upstream's `family` over the `scored` (samples, row, outcome)s."""
     labels = [result["label"] for _, _, result in scored]
     value = {name: rate.value for name, rate in rates.items()}
@@ -73,6 +80,15 @@ def _eval_results(family: str, model: str, scored: list, rates: dict[str, Rate])
             "halu_test_res": [label != "correct" for label in labels],
             "abstantion_raw_generation": [_raw(r, "abstention") for _, _, r in scored],
             "is_hallucinated_raw_generation": [_raw(r, "correctness") for _, _, r in scored],
+        }
+    if family == "longwiki":
+        keys = ("precision", "recall_at_k", "f1_at_k", "refusal_rate", "med_n_claims")
+        return {
+            "model": model,
+            **{name: value[name] for name in keys if name in value},
+            "k": scored[0][2]["k"] if scored else None,
+            "refusal": [label == "refused" for label in labels],
+            "evaluator": _evaluator(scored),
         }
     return {
         "model": model,
@@ -93,6 +109,15 @@ def _raw_files(family: str, results: list[dict]) -> dict[str, list[dict]]:
             ],
             "abstain_eval_raw.jsonl": [{"eval_res": _raw(r, "abstention")} for r in results],
         }
+    if family == "longwiki":
+        extracted = [s for r in results for s in r["sentences"] if "extraction" in s]
+        claims = [c for s in extracted for c in s["claims"] or ()]
+        return {
+            "output_abstain.jsonl": [{"eval_res": _raw(r, "abstention")} for r in results],
+            "output_all_claims.jsonl": [{"eval_res": s["extraction"]["raw"]} for s in extracted],
+            "output_all_parsed_claims.jsonl": [{"eval_res": c["claim"]} for c in claims],
+            "output_verification_results.jsonl": [{"eval_res": c["raw"]} for c in claims],
+        }
     return {"raw_eval_res.jsonl": [{"eval_res": _raw(r, "belief")} for r in results]}
 
 
@@ -102,6 +127,57 @@ def _generation_row(family: str, model: str, samples: SamplesFile, row: dict) ->
     if family == "nonsense_generated_entities":
         line["type_"] = row["doc"]["type"]  # upstream's column name
     return line
+
+
+CSV_COLUMNS = ("prompt", "is_supported", "claim", "sentence", "title", "precision", "recall")
+CSV_COLUMNS += ("f1", "k", "n_claims", "overall_recall", "overall_precision", "overall_f1")
+
+
+def _longwiki_tables(target: Path, model: str, scored: list, rates: dict[str, Statistic]) -> None:
+    """Upstream LongWiki's `output.csv` and `eval_details.json`."""
+    scoring = SCORINGS["longwiki"]
+    names = {"recall": "recall_at_k", "precision": "precision", "f1": "f1_at_k"}
+    overall = {f"overall_{n}": rates[m].value for n, m in names.items() if m in rates}
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for _, row, result in scored:
+        if result["label"] == "refused":
+            continue
+        values = scoring.metrics(row["doc"], result)
+        answer = {
+            "prompt": row["doc"]["prompt"],
+            "title": row["doc"]["title"],
+            "precision": values["precision"],
+            "recall": values["recall_at_k"],
+            "f1": values["f1_at_k"],
+            "k": result["k"],
+            "n_claims": int(values["med_n_claims"]),
+            **overall,
+        }
+        for sentence in (s for s in result["sentences"] if "extraction" in s):
+            facts = [(c["supported"], c["claim"]) for c in sentence["claims"]]
+            for supported, claim in facts or [(None, "no claims")]:
+                writer.writerow(
+                    {
+                        **answer,
+                        "is_supported": supported,
+                        "claim": claim,
+                        "sentence": sentence["text"],
+                    }
+                )
+    (target / "output.csv").write_text(text.getvalue(), encoding="utf-8")
+    details = {
+        "output_csv": str(target / "output.csv"),
+        "abstain_evaluator": _evaluator(scored),
+        "claim_extractor": _evaluator(scored),
+        "verifier": _evaluator(scored),
+        "k": scored[0][2]["k"] if scored else None,
+        "evalauted_model": model,  # upstream's spelling
+        "exp_mode": "longwiki",
+        "eval_time": scored[0][0].timestamp if scored else None,
+    }
+    (target / "eval_details.json").write_text(json.dumps(details, indent=2) + "\n", "utf-8")
 
 
 def _write_jsonl(path: Path, rows) -> None:
@@ -144,6 +220,8 @@ def export_legacy(sample_paths: list[Path], out: Path, model: str | None = None)
         )
         for filename, raws in _raw_files(family, [r for _, _, r in scored]).items():
             _write_jsonl(target / filename, raws)
+        if family == "longwiki":
+            _longwiki_tables(target, name, scored, rates)
         _write_jsonl(
             target / "unparseable.jsonl",
             (

@@ -9,6 +9,9 @@ one after another, each printed before it runs, so a user can also run any of th
    activations into `--lmdb_path`;
 3. `hallulens judge` judges the answers, `hallulens activations label` joins the verdicts to the
    store, `hallulens export-legacy` writes the seed's files under `--eval_results_path`.
+
+LongWiki takes upstream's `--db_path` (the Wikipedia database) and `--k` (Recall@K), passed to the
+judge as $HALLULENS_WIKI_DB and $HALLULENS_LONGWIKI_K, and answers with 1024 new tokens.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from pathlib import Path
 
 from hallulens_capture.errors import HalluLensError
 from hallulens_capture.spec import ENV_STORE_PATH
+from hallulens_tasks.judging.longwiki import ENV_K
+from hallulens_tasks.judging.wikipedia import ENV_WIKI_DB
 from hallulens_tasks.prompt_sets import ENV_DATA_DIR
 from hallulens_tasks.task_table import FAMILIES, MIXED_EXPERIMENTS, SAMPLES_FILE
 
 BACKENDS = {"hf": "hallulens-hf", "vllm": "hallulens-vllm", "gguf": "hallulens-gguf"}
 BACKENDS["smallmodel"] = BACKENDS["hf"]  # the seed's name for its transformers path
+MAX_TOKENS = {"longwiki": 1024}  # upstream's new tokens per answer; 256 for the other tasks
 
 
 class PipelineError(HalluLensError):
@@ -67,6 +73,14 @@ def _harness_task(args: argparse.Namespace) -> str:
     return args.task if len(types) > 1 else f"{args.task}_{types[0]}"
 
 
+def _judge_env(args: argparse.Namespace) -> dict[str, str]:
+    """LongWiki's judge settings from upstream's flags (the task checks them when it loads)."""
+    env = {ENV_WIKI_DB: args.db_path} if args.db_path else {}
+    if args.k is not None:
+        env[ENV_K] = str(args.k)
+    return env
+
+
 def _generate(args: argparse.Namespace, data_dir: Path) -> None:
     command = _hallulens(
         "generate", args.task, "--N", str(args.N), "--seed", str(args.seed), "--out", str(data_dir)
@@ -89,10 +103,11 @@ def _infer(args: argparse.Namespace, data_dir: Path, results: Path) -> None:
     command = [sys.executable, "-m", "lm_eval", "--model", BACKENDS[args.inference_method]]
     command += ["--model_args", model_args, "--tasks", _harness_task(args)]
     command += ["--apply_chat_template", "--batch_size", str(args.inf_batch_size)]
-    command += ["--gen_kwargs", f"max_gen_toks={args.max_inference_tokens}"]
+    max_tokens = args.max_inference_tokens or MAX_TOKENS.get(args.task, 256)
+    command += ["--gen_kwargs", f"max_gen_toks={max_tokens}"]
     command += ["--output_path", str(results), "--log_samples", "--predict_only"]
     command += ["--seed", str(args.seed)]
-    _run(command, {ENV_DATA_DIR: str(data_dir)})
+    _run(command, {ENV_DATA_DIR: str(data_dir), **_judge_env(args)})
 
 
 def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> bool:
@@ -101,7 +116,7 @@ def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> bool:
     if not samples:
         raise PipelineError(f"no samples_*.jsonl under {results}: run with --do_inference first")
     judged = results / "judged"
-    _run(_hallulens("judge", *map(str, samples), "--output_path", str(judged)))
+    _run(_hallulens("judge", *map(str, samples), "--output_path", str(judged)), _judge_env(args))
     judged_files = [judged / path.name for path in samples]
     labelled = Path(args.lmdb_path, "data.mdb").is_file()
     if labelled:
@@ -151,6 +166,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         )
     if args.N < 1:
         raise PipelineError(f"--N must be at least 1 (got {args.N})")
+    if args.do_eval and args.db_path and not Path(args.db_path).expanduser().is_file():
+        raise PipelineError(
+            f"--db_path {args.db_path}: no such file (LongWiki's Wikipedia database, "
+            "FActScore's enwiki-20230401.db)"
+        )
     _own_model_args(args.model_args)
     data_dir = Path(args.data_dir or os.environ.get(ENV_DATA_DIR) or "data").expanduser()
     results = Path(args.results_path or Path(args.eval_results_path) / "lm_eval")
@@ -228,6 +248,14 @@ def register(subparsers) -> None:
         default=os.environ.get(ENV_STORE_PATH, "lmdb_data/activations.lmdb"),
         help=f"activation store (default: ${ENV_STORE_PATH}, else the seed's path)",
     )
-    p.add_argument("--max_inference_tokens", type=int, default=256)
+    p.add_argument(
+        "--max_inference_tokens",
+        "--max_tokens",
+        dest="max_inference_tokens",
+        type=int,
+        help="new tokens per answer (default: upstream's, 1024 for longwiki, else 256)",
+    )
+    p.add_argument("--db_path", help=f"longwiki: the Wikipedia database (as ${ENV_WIKI_DB})")
+    p.add_argument("--k", type=int, help=f"longwiki: K of Recall@K and F1@K (as ${ENV_K}; 32)")
     p.add_argument("--inf_batch_size", default="8", help="lm_eval --batch_size (or auto)")
     p.set_defaults(func=cmd_pipeline)
