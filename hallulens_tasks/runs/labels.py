@@ -3,7 +3,9 @@
 A sample's `prompt_hash` (the harness's own field) is sha256 of the exact prompt, i.e. the
 store key. Repeated prompts have `-1`, `-2`, ... records; the one whose stored task and doc_id
 match the sample is the sample's record. Labels go to the store's `labels` sub-database in one
-transaction; the records are not touched.
+transaction; the records are not touched. An entry holds label, task, doc_id, judge, samples
+(the file it came from) and, when the task's doc has one, the gold `answer` (the analysis's
+`answer` reduction looks for it in the response; stores labelled before have none).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def label_store(sample_paths: list[Path], store_path: str) -> dict:
                     "judge": result.get("judge"),
                     "samples": path.name,
                 }
+                answer = row["doc"].get("answer")
+                if isinstance(answer, str) and answer.strip():
+                    labels[key]["answer"] = answer
         if labels:
             store.put_labels(labels)
     counts = Counter(entry["label"] for entry in labels.values())
