@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench_gguf.py",
     "bench_vllm.py",
     "bench_judge.py",
+    "bench_analysis.py",
 ]
 
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from hallulens_analysis.errors import ExportError
-from hallulens_analysis.npy_export import converted, export_dtype, partial_dir
+from hallulens_analysis.npy_export import export_dtype, partial_dir
 from hallulens_analysis.plan import Plan
 from hallulens_analysis.reading import BUDGET_BYTES, stream
 from hallulens_capture.store import ActivationStore
@@ -74,7 +74,7 @@ def export_hf(
     groups = plan.groups()
     arrow = staging / "rows.arrow"
     with ArrowWriter(features=features, path=str(arrow)) as writer:
-        for batch in stream(store, plan, budget_bytes=budget_bytes, progress=progress):
+        for batch in stream(store, plan, dtype=kind, budget_bytes=budget_bytes, progress=progress):
             items = plan.items[batch.rows]
             rows: dict[str, object] = {
                 "key": [i.key for i in items],
@@ -90,8 +90,8 @@ def export_hf(
                 "n_generated": [i.n_generated for i in items],
                 **{name: [i.scores[name] for i in items] for name in baselines},
             }
-            for slug in batch.features:
-                rows[column(slug)] = converted(batch, plan, slug, kind)
+            for slug, values in batch.features.items():
+                rows[column(slug)] = values
             for slug, values in batch.masks.items():
                 rows[f"{column(slug)}_mask"] = values
             writer.write_batch(rows)

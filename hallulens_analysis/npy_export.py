@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,21 +129,6 @@ class _RowFiles:
             os.close(fd)
 
 
-def converted(batch: Batch, plan: Plan, slug: str, dtype: type) -> np.ndarray:
-    """A batch's float32 features in the export dtype; values beyond its range are an error."""
-    values = batch.features[slug]
-    with np.errstate(over="ignore"):  # overflow is checked just below
-        out = values.astype(dtype)
-    overflow = ~np.isfinite(out) & np.isfinite(values)
-    if overflow.any():
-        row = batch.start + int(np.argwhere(overflow)[0][0])
-        raise ExportError(
-            f"record {plan.items[row].key}: {slug} values beyond the {np.dtype(dtype).name} "
-            f"range (max |x| = {np.abs(values).max():.4g}): export with --dtype float32"
-        )
-    return out
-
-
 def _begin(staging: Path, config: dict) -> int:
     """Rows already committed in `staging` for this config (0 for a fresh start)."""
     if staging.exists():
@@ -232,16 +218,34 @@ def export_npy(
     staging = partial_dir(out)
     done = _begin(staging, config)
     files = _RowFiles(staging, _arrays(plan, dtype), fresh=done < 0)
+
+    def commit(batch: Batch) -> None:
+        for r in plan.selection.reductions:
+            files.write(f"{r.slug}.npy", batch.start, batch.features[r.slug])
+            if r.window:
+                files.write(f"{r.slug}.mask.npy", batch.start, batch.masks[r.slug])
+        files.sync()  # the rows are on disk before the progress says so
+        _replace_json(staging / "progress.json", {"rows": batch.rows.stop})
+
+    # batch k is written and committed by one thread while batch k + 1 is read (two buffers)
+    batches = stream(
+        store,
+        plan,
+        dtype=kind,
+        start=max(done, 0),
+        budget_bytes=budget_bytes,
+        progress=progress,
+        buffers=2,
+    )
     try:
-        for batch in stream(
-            store, plan, start=max(done, 0), budget_bytes=budget_bytes, progress=progress
-        ):
-            for r in plan.selection.reductions:
-                files.write(f"{r.slug}.npy", batch.start, converted(batch, plan, r.slug, kind))
-                if r.window:
-                    files.write(f"{r.slug}.mask.npy", batch.start, batch.masks[r.slug])
-            files.sync()  # the rows are on disk before the progress says so
-            _replace_json(staging / "progress.json", {"rows": batch.rows.stop})
+        with ThreadPoolExecutor(1, thread_name_prefix="hallulens-export") as writer:
+            pending = None
+            for batch in batches:
+                if pending is not None:
+                    pending.result()  # batch k - 1 committed (its error raised) before k goes
+                pending = writer.submit(commit, batch)
+            if pending is not None:
+                pending.result()
     finally:
         files.close()
     _finish(staging, plan, config)
@@ -297,13 +301,15 @@ class NpyExport:
         rows: np.ndarray,
         budget_bytes: int = BUDGET_BYTES,
     ) -> np.ndarray:
-        """float32 [len(rows), len(slots), ...] of some layer slots of some (sorted) rows, read
-        in file order in chunks of about `budget_bytes`; only those layers' bytes are read."""
+        """float32 [len(rows), len(slots), ...] of some layer slots of some sorted rows, read in
+        file order in chunks of about `budget_bytes`; only those layers' bytes are read."""
         array = self.array(reduction)
         per_row = 4 * len(slots) * int(np.prod(array.shape[2:]))
         chunk = max(1, budget_bytes // per_row)
         out = np.empty((len(rows), len(slots), *array.shape[2:]), dtype=np.float32)
-        for first in range(0, len(rows), chunk):
-            part = rows[first : first + chunk]
-            out[first : first + len(part)] = array[np.ix_(part, slots)]
+        for lo in range(0, len(array), chunk):
+            a, b = np.searchsorted(rows, [lo, lo + chunk])
+            if a < b:
+                block = array[lo : lo + chunk, slots]
+                out[a:b] = block if b - a == len(block) else block[rows[a:b] - lo]
         return out

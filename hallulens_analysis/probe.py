@@ -38,6 +38,9 @@ class ProbeSettings:
     max_iter: int = 1000
     bootstrap: int = 1000
     memory_gb: float = 1.0  # float32 feature matrices held at once
+    # BLAS threads per fit: lbfgs on these sizes is dominated by thread wake-ups; on a busy
+    # 2-core machine 2 threads made a fit 4-70x slower than 1
+    threads: int = 1
 
 
 def _check_reductions(selection: Selection) -> None:
@@ -109,13 +112,17 @@ def out_of_fold(
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     model = make_pipeline(
         StandardScaler(),
         LogisticRegression(C=settings.C, max_iter=settings.max_iter, warm_start=True),
     )
     scores = np.empty(len(y), dtype=np.float64)
-    with warnings.catch_warnings(record=True) as caught:
+    with (
+        threadpool_limits(settings.threads, user_api="blas"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always", ConvergenceWarning)
         for k in np.unique(folds):
             held = folds == k

@@ -58,6 +58,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         max_iter=args.max_iter,
         bootstrap=args.bootstrap,
         memory_gb=args.memory_gb,
+        threads=args.threads,
     )
     export = features(
         args.source, selection, args.out, tokenizer=args.tokenizer, progress=not args.quiet
@@ -89,5 +90,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--bootstrap", type=int, default=1000, help="replicates for the 95%% intervals")
     p.add_argument("--memory-gb", type=float, default=1.0, help="features held at once")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads per fit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_probe)

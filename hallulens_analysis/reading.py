@@ -2,9 +2,10 @@
 
 Each record is read once per pass: one copy of the selected layers over the token span every
 reduction together needs (a view of LMDB's memory map is sliced, not the whole record read),
-then each reduction computed from it in float32. `stream` holds one batch at a time, sized to a
-memory budget; `collect` keeps everything (for data that fits in memory; larger data goes
-through an export and `np.load(..., mmap_mode="r")`).
+then each reduction written straight into the batch (means accumulated in float32). `stream`
+holds one batch at a time, in the dtype asked, sized to a memory budget; `collect` keeps
+everything (for data that fits in memory; larger data goes through an export and
+`np.load(..., mmap_mode="r")`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hallulens_analysis.errors import SelectionError
+from hallulens_analysis.errors import ExportError, SelectionError
 from hallulens_analysis.plan import Item, Plan, build_plan
 from hallulens_analysis.selection import Selection
 from hallulens_capture.record import Record
@@ -27,7 +28,7 @@ BUDGET_BYTES = 256 << 20  # float32 features held per batch
 @dataclass
 class Batch:
     """Rows `start .. start + n` of a plan: per reduction slug, features [n, layers, (N,) hidden]
-    (float32) and, for windows, masks [n, N] (True where a state is)."""
+    and, for windows, masks [n, N] (True where a state is)."""
 
     start: int
     features: dict[str, np.ndarray]
@@ -38,31 +39,40 @@ class Batch:
         return slice(self.start, self.start + len(next(iter(self.features.values()))))
 
 
-def reduce_record(record: Record, item: Item, plan: Plan) -> tuple[dict, dict]:
-    """Every reduction of one record: slug -> [layers, (N,) hidden] float32, plus window masks."""
+def reduce_into(
+    record: Record, item: Item, plan: Plan, row: int, features: dict, masks: dict
+) -> None:
+    """Write every reduction of one record into `row` of `features` (arrays of any float dtype;
+    means are accumulated in float32) and of the window `masks`."""
     spans = {r: r.offsets(item.n_generated, item.answer) for r in plan.selection.reductions}
     lo = min(a for a, _ in spans.values())
     hi = max(b for _, b in spans.values())
     row_of_p = item.n_prompt - item.first_position  # token row of position P
     block = record.slice(layers=plan.layer_ids, tokens=slice(row_of_p + lo, row_of_p + hi))
-    features, masks = {}, {}
+    target = next(iter(features.values())).dtype
+    if np.finfo(target).max < np.finfo(block.dtype).max and block.size:
+        finite = np.abs(block[np.isfinite(block)])
+        if finite.size and finite.max() > np.finfo(target).max:
+            raise ExportError(
+                f"record {record.key}: values up to {finite.max():.4g} do not fit "
+                f"{target.name}: export with --dtype float32"
+            )
     for reduction, (a, b) in spans.items():
         part = block[:, a - lo : b - lo]
+        out = features[reduction.slug][row]
         if reduction.window:
-            out = np.zeros(plan.shape(reduction), dtype=np.float32)
             out[:, : b - a] = part
-            masks[reduction.slug] = np.arange(reduction.window) < b - a
+            out[:, b - a :] = 0
+            masks[reduction.slug][row] = np.arange(reduction.window) < b - a
         elif reduction.name in ("mean", "answer"):
-            out = part.mean(axis=1, dtype=np.float32)
+            out[...] = part.mean(axis=1, dtype=np.float32)
         else:
-            out = part[:, 0].astype(np.float32)
-        features[reduction.slug] = out
-    return features, masks
+            out[...] = part[:, 0]
 
 
-def batch_rows(plan: Plan, budget_bytes: int = BUDGET_BYTES) -> int:
-    """Records per batch so that one batch of float32 features fits `budget_bytes`."""
-    per_row = sum(4 * int(np.prod(plan.shape(r))) for r in plan.selection.reductions)
+def batch_rows(plan: Plan, itemsize: int, budget_bytes: int = BUDGET_BYTES) -> int:
+    """Records per batch so that one batch of features fits `budget_bytes`."""
+    per_row = sum(itemsize * int(np.prod(plan.shape(r))) for r in plan.selection.reductions)
     return max(1, budget_bytes // per_row)
 
 
@@ -70,15 +80,29 @@ def stream(
     store: ActivationStore,
     plan: Plan,
     *,
+    dtype: type = np.float32,
     start: int = 0,
     budget_bytes: int = BUDGET_BYTES,
     progress: bool = False,
+    buffers: int = 1,
 ) -> Iterator[Batch]:
-    """Batches of the plan's rows from `start` on, in order."""
+    """Batches of the plan's rows from `start` on, in order, with features in `dtype` (values
+    that do not fit it are an error). Batches take turns in `buffers` sets of arrays that share
+    `budget_bytes`: a batch's arrays are filled again `buffers` batches later, so copy what must
+    outlive that (with 2, a consumer may still write batch k out while k + 1 is read)."""
     from tqdm.auto import tqdm
 
-    size = batch_rows(plan, budget_bytes)
+    size = batch_rows(plan, np.dtype(dtype).itemsize, budget_bytes // buffers)
     windows = [r for r in plan.selection.reductions if r.window]
+    rows = min(size, len(plan.items) - start)
+    # reused sets of buffers: fresh pages cost more than the copies into them
+    sets = [
+        (
+            {r.slug: np.empty((rows, *plan.shape(r)), dtype) for r in plan.selection.reductions},
+            {r.slug: np.empty((rows, r.window), bool) for r in windows},
+        )
+        for _ in range(buffers)
+    ]
     bar = tqdm(
         total=len(plan.items),
         initial=start,
@@ -87,21 +111,18 @@ def stream(
         file=sys.stderr,
     )
     with bar:
-        for first in range(start, len(plan.items), size):
+        for n, first in enumerate(range(start, len(plan.items), size)):
             items = plan.items[first : first + size]
-            features = {
-                r.slug: np.empty((len(items), *plan.shape(r)), np.float32)
-                for r in plan.selection.reductions
-            }
-            masks = {r.slug: np.empty((len(items), r.window), bool) for r in windows}
+            features, masks = sets[n % buffers]
+            batch = Batch(
+                first,
+                {slug: values[: len(items)] for slug, values in features.items()},
+                {slug: values[: len(items)] for slug, values in masks.items()},
+            )
             for i, item in enumerate(items):
-                values, flags = reduce_record(store[item.key], item, plan)
-                for slug, value in values.items():
-                    features[slug][i] = value
-                for slug, flag in flags.items():
-                    masks[slug][i] = flag
+                reduce_into(store[item.key], item, plan, i, batch.features, batch.masks)
                 bar.update()
-            yield Batch(first, features, masks)
+            yield batch
 
 
 @dataclass
