@@ -59,7 +59,7 @@ def write_store(path: Path, n: int, generated: int, hidden: int, signal_layer: i
             prompt = f"question {i // 2}"
             hallucinated = (i // 2) % 2
             acts = rng.standard_normal((LAYERS, len(positions), hidden), dtype=np.float32)
-            acts[signal_layer] += (0.1 if hallucinated else -0.1) * direction
+            acts[signal_layer] += (0.5 if hallucinated else -0.5) * direction
             index = {
                 "layer_ids": range(LAYERS),
                 "token_positions": positions,

@@ -205,6 +205,14 @@ def test_answer_reduction_finds_the_gold_tokens(tmp_path):
             build_plan(store, Selection.parse(reductions=["answer"]))
 
 
+def test_last_prompt_from_a_prompt_capture(tmp_path):
+    write_store(tmp_path / "s", [sample(0, "prompt", n_prompt=6, label="correct")])
+    with open_store(tmp_path / "s") as store:
+        arrays = collect(store, Selection.parse(reductions=["last-prompt"]))
+        raw = store[arrays.keys[0]].all_layers_activations  # a view: valid while open
+        np.testing.assert_array_equal(arrays.X[0], raw[:, 5])  # position P - 1 = row 5
+
+
 @pytest.mark.parametrize(
     ("scope", "reduction", "fix"),
     [
