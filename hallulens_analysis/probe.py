@@ -42,6 +42,18 @@ class ProbeSettings:
     # 2-core machine 2 threads made a fit 4-70x slower than 1
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        if self.split not in ("group", "random"):
+            raise ProbeError(f"split {self.split!r}: expected group or random")
+        if not self.C > 0:
+            raise ProbeError(f"C={self.C}: must be positive")
+        for name, least in _LEAST.items():
+            if getattr(self, name) < least:
+                raise ProbeError(f"{name}={getattr(self, name)}: must be at least {least}")
+
+
+_LEAST = {"folds": 2, "max_iter": 1, "bootstrap": 0, "memory_gb": 0.001, "threads": 1}
+
 
 def _check_reductions(selection: Selection) -> None:
     windows = [r.name for r in selection.reductions if r.window]
@@ -217,7 +229,7 @@ def run_probe(
         },
         "models": sorted({r["model"] for r in index}),
         "results": results,
-        "best": {k: best[k] for k in ("reduction", "layer", "auroc", "auroc_ci")},
+        "best": {k: best[k] for k in ("reduction", "layer", "auroc", "auroc_ci") if k in best},
         "baselines": baselines,
         "baselines_note": note,
         "files": {"scores": "scores.csv", "plot": "auroc_by_layer.png"},

@@ -186,6 +186,7 @@ def test_probe_of_an_npy_export_equals_probe_of_the_store(tmp_path):
         (["--reduce", "window:8"], "window:8 is for exports"),
         (["--target", "refused:correct"], "target refused:correct: no refused record"),
         (["--folds", "200"], "120 questions cannot fill 200 grouped folds"),
+        (["--folds", "1"], "folds=1: must be at least 2"),
     ],
 )
 def test_bad_probe_selections_fail_with_one_line(tmp_path_factory, args, message):
@@ -198,6 +199,15 @@ def test_bad_probe_selections_fail_with_one_line(tmp_path_factory, args, message
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("hallulens: error: ") and message in line
+
+
+def test_without_bootstrap_there_are_no_intervals(tmp_path):
+    planted(tmp_path / "s", questions=20)
+    selection = Selection.parse("3")
+    export = features(tmp_path / "s", selection, tmp_path / "c")
+    report = run_probe(export, selection, ProbeSettings(bootstrap=0), tmp_path / "p")
+    assert "auroc_ci" not in report["results"][0] and "auroc_ci" not in report["best"]
+    assert (tmp_path / "p" / "auroc_by_layer.png").exists()
 
 
 def test_too_few_questions_is_a_probe_error(tmp_path):
