@@ -39,6 +39,17 @@ class Batch:
         return slice(self.start, self.start + len(next(iter(self.features.values()))))
 
 
+def _block(record: Record, layer_ids: tuple[int, ...], tokens: slice) -> np.ndarray:
+    """The selected layers over `tokens`: a view of the memory map when they are stored next to
+    each other (and not as bfloat16), else a copy; a view saves one copy of every byte."""
+    if record.storage_dtype != "BF16":
+        stored = record.layer_ids.tolist()
+        rows = [stored.index(i) for i in layer_ids]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return record.all_layers_activations[rows[0] : rows[0] + len(rows), tokens]
+    return record.slice(layers=layer_ids, tokens=tokens)
+
+
 def reduce_into(
     record: Record, item: Item, plan: Plan, row: int, features: dict, masks: dict
 ) -> None:
@@ -48,7 +59,7 @@ def reduce_into(
     lo = min(a for a, _ in spans.values())
     hi = max(b for _, b in spans.values())
     row_of_p = item.n_prompt - item.first_position  # token row of position P
-    block = record.slice(layers=plan.layer_ids, tokens=slice(row_of_p + lo, row_of_p + hi))
+    block = _block(record, plan.layer_ids, slice(row_of_p + lo, row_of_p + hi))
     target = next(iter(features.values())).dtype
     if np.finfo(target).max < np.finfo(block.dtype).max and block.size:
         finite = np.abs(block[np.isfinite(block)])
