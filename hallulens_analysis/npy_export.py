@@ -10,8 +10,9 @@ Files in DIR (N rows, one per selected record, in store order):
   n_prompt, n_generated, answer (token span), scores (logprob baselines, when records have them);
 - `manifest.json`: format, selection, layer ids, arrays with shapes, counts, records left out.
 
-Crash safety: the export is written under `DIR.partial/`. Rows are written in order; after each
-batch the arrays are fsynced, then `progress.json` (rows done) is replaced atomically. A rerun of
+Crash safety: the export is written under `DIR.partial/`. Rows are written in order; every
+`commit_bytes` (1 GiB) and at the end the arrays are fsynced, then `progress.json` (rows done)
+is replaced atomically. A rerun of
 the same plan resumes after the last committed row (anything after it is written again); a rerun
 with another plan starts over. Only a finished export is renamed to DIR, so no file under DIR
 ever holds a row that looks written but is not.
@@ -23,19 +24,21 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from hallulens_analysis.errors import ExportError
 from hallulens_analysis.plan import Plan
-from hallulens_analysis.reading import BUDGET_BYTES, Batch, stream
+from hallulens_analysis.reading import BUDGET_BYTES, stream
 from hallulens_capture.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 FORMAT = "hallulens-npy/1"
+# a commit (fsync, then progress.json) waits for the disk: committing after every 256 MB batch
+# instead of once made an 865 MB export about 13 % slower (medians of 6 runs)
+COMMIT_BYTES = 1 << 30
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -204,8 +207,10 @@ def export_npy(
     dtype: str = "float16",
     progress: bool = False,
     budget_bytes: int = BUDGET_BYTES,
+    commit_bytes: int = COMMIT_BYTES,
 ) -> Path:
-    """Write (or resume, or confirm) the npy export of `plan` at `out`; returns its path."""
+    """Write (or resume, or confirm) the npy export of `plan` at `out`; returns its path.
+    Rows are committed every `commit_bytes` written (a kill loses at most that much work)."""
     out = Path(out)
     kind = export_dtype(dtype)
     config = _config(plan, dtype)
@@ -218,34 +223,21 @@ def export_npy(
     staging = partial_dir(out)
     done = _begin(staging, config)
     files = _RowFiles(staging, _arrays(plan, dtype), fresh=done < 0)
-
-    def commit(batch: Batch) -> None:
-        for r in plan.selection.reductions:
-            files.write(f"{r.slug}.npy", batch.start, batch.features[r.slug])
-            if r.window:
-                files.write(f"{r.slug}.mask.npy", batch.start, batch.masks[r.slug])
-        files.sync()  # the rows are on disk before the progress says so
-        _replace_json(staging / "progress.json", {"rows": batch.rows.stop})
-
-    # batch k is written and committed by one thread while batch k + 1 is read (two buffers)
+    pending = 0  # bytes written since the last commit
     batches = stream(
-        store,
-        plan,
-        dtype=kind,
-        start=max(done, 0),
-        budget_bytes=budget_bytes,
-        progress=progress,
-        buffers=2,
+        store, plan, dtype=kind, start=max(done, 0), budget_bytes=budget_bytes, progress=progress
     )
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="hallulens-export") as writer:
-            pending = None
-            for batch in batches:
-                if pending is not None:
-                    pending.result()  # batch k - 1 committed (its error raised) before k goes
-                pending = writer.submit(commit, batch)
-            if pending is not None:
-                pending.result()
+        for batch in batches:
+            for r in plan.selection.reductions:
+                files.write(f"{r.slug}.npy", batch.start, batch.features[r.slug])
+                pending += batch.features[r.slug].nbytes
+                if r.window:
+                    files.write(f"{r.slug}.mask.npy", batch.start, batch.masks[r.slug])
+            if pending >= commit_bytes or batch.rows.stop == len(plan.items):
+                files.sync()  # the rows are on disk before the progress says so
+                _replace_json(staging / "progress.json", {"rows": batch.rows.stop})
+                pending = 0
     finally:
         files.close()
     _finish(staging, plan, config)
@@ -307,9 +299,11 @@ class NpyExport:
         per_row = 4 * len(slots) * int(np.prod(array.shape[2:]))
         chunk = max(1, budget_bytes // per_row)
         out = np.empty((len(rows), len(slots), *array.shape[2:]), dtype=np.float32)
+        run = slice(slots[0], slots[0] + len(slots))
+        columns = run if slots == list(range(run.start, run.stop)) else slots  # a view: no gather
         for lo in range(0, len(array), chunk):
             a, b = np.searchsorted(rows, [lo, lo + chunk])
             if a < b:
-                block = array[lo : lo + chunk, slots]
+                block = array[lo : lo + chunk, columns]
                 out[a:b] = block if b - a == len(block) else block[rows[a:b] - lo]
         return out

@@ -95,25 +95,18 @@ def stream(
     start: int = 0,
     budget_bytes: int = BUDGET_BYTES,
     progress: bool = False,
-    buffers: int = 1,
 ) -> Iterator[Batch]:
     """Batches of the plan's rows from `start` on, in order, with features in `dtype` (values
-    that do not fit it are an error). Batches take turns in `buffers` sets of arrays that share
-    `budget_bytes`: a batch's arrays are filled again `buffers` batches later, so copy what must
-    outlive that (with 2, a consumer may still write batch k out while k + 1 is read)."""
+    that do not fit it are an error). Every batch reuses the same arrays: copy what must
+    outlive the iteration step."""
     from tqdm.auto import tqdm
 
-    size = batch_rows(plan, np.dtype(dtype).itemsize, budget_bytes // buffers)
+    size = batch_rows(plan, np.dtype(dtype).itemsize, budget_bytes)
     windows = [r for r in plan.selection.reductions if r.window]
     rows = min(size, len(plan.items) - start)
-    # reused sets of buffers: fresh pages cost more than the copies into them
-    sets = [
-        (
-            {r.slug: np.empty((rows, *plan.shape(r)), dtype) for r in plan.selection.reductions},
-            {r.slug: np.empty((rows, r.window), bool) for r in windows},
-        )
-        for _ in range(buffers)
-    ]
+    # one set of buffers for every batch: fresh pages cost more than the copies into them
+    features = {r.slug: np.empty((rows, *plan.shape(r)), dtype) for r in plan.selection.reductions}
+    masks = {r.slug: np.empty((rows, r.window), bool) for r in windows}
     bar = tqdm(
         total=len(plan.items),
         initial=start,
@@ -122,9 +115,8 @@ def stream(
         file=sys.stderr,
     )
     with bar:
-        for n, first in enumerate(range(start, len(plan.items), size)):
+        for first in range(start, len(plan.items), size):
             items = plan.items[first : first + size]
-            features, masks = sets[n % buffers]
             batch = Batch(
                 first,
                 {slug: values[: len(items)] for slug, values in features.items()},

@@ -55,7 +55,7 @@ def chats():
         ("all", "float32", None, 3),
         ("generated", "float16", [0, 15, 30], 2),
         ("prompt", "bfloat16", [-2], 1),
-        ("response", "float32", None, 2),
+        ("response", "float32", [0, 15, 30], 2),  # the last layer: all prompt logits asked
     ],
 )
 def test_capture_matches_hf_forward(tmp_path, reference_model, chats, tokens, dtype, layers, batch):

@@ -87,7 +87,10 @@ def test_float16_storage_cosine(tmp_path, reference_model):
             [27, 28, 29, 30],
         ),
         ({"capture_layers": [10, 11, 12], "capture_dtype": "float32"}, [10, 11, 12]),
-        ({"capture_tokens": "response", "capture_dtype": "float32"}, list(range(31))),
+        (
+            {"capture_tokens": "response", "capture_dtype": "float32", "capture_layers": "0,15,30"},
+            [0, 15, 30],
+        ),
     ],
 )
 def test_options_give_exactly_the_requested_shape(tmp_path, reference_model, capture, layers):
