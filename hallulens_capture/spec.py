@@ -52,9 +52,7 @@ def parse_layers(
     else:
         raise CaptureConfigError(f"{option}={value!r}: expected 'all', ids or ranges")
     if not parts:
-        raise CaptureConfigError(
-            f"{option} is empty: give 'all', ids (0,8,16) or ranges (10-20)"
-        )
+        raise CaptureConfigError(f"{option} is empty: give 'all', ids (0,8,16) or ranges (10-20)")
     items = []
     for part in parts:
         match = _ITEM.match(part.strip())
