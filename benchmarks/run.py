@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench_vllm.py",
     "bench_judge.py",
     "bench_retrieval.py",
+    "bench_analysis.py",
 ]
 
 

@@ -2,7 +2,9 @@
 
 A generation of G tokens after a P-token prompt feeds P + G - 1 tokens through the model: the
 last generated token is never fed back, so it has no hidden state (on every engine). Position t
-holds the residual stream computed for input token t of prompt + generated tokens.
+holds the residual stream computed for input token t of prompt + generated tokens. The state at
+position P - 1 + j is the one that produced generated token j, so the `response` scope
+(P - 1 .. P + G - 2) holds one state per generated token, aligned with `generated_token_ids`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def token_positions(scope: str, n_prompt: int, n_generated: int) -> np.ndarray:
         return np.arange(n_prompt, dtype=np.int32)
     if scope == "generated":
         return np.arange(n_prompt, end, dtype=np.int32)
+    if scope == "response":  # the states that produced the generated tokens, one per token
+        return np.arange(n_prompt - 1, n_prompt - 1 + n_generated, dtype=np.int32)
     if scope == "all":
         return np.arange(end, dtype=np.int32)
     raise ValueError(f"unknown token scope {scope!r}")

@@ -10,7 +10,8 @@ Tensors: `all_layers_activations` [n_layers, n_tokens, hidden] (F16 / BF16 / F32
 `response`, `model`, `timestamp`, `backend`, `task`, `doc_id`, `capture_tokens`, `dtype`,
 `gen_kwargs` (JSON), `format`, `checksum` (CRC-32 of the data section, i.e. every tensor's bytes;
 records written before it was added have none). `activations` (the last captured layer) is a
-view, not stored.
+view, not stored. Optional tensors (F32 or I32, e.g. per generated token) may follow; records
+without them stay valid, and `Record.tensor(name)` reads them.
 
 Parsing checks the header's structure (types, dims that agree, offsets within the value) so that
 no crafted value can crash or mislead a reader, at a cost independent of the activations' size;
@@ -38,6 +39,7 @@ INDEX_TENSORS = ("layer_ids", "token_positions", "prompt_token_ids", "generated_
 STORAGE_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I32": np.int32}
 _ITEMSIZE = {label: np.dtype(dtype).itemsize for label, dtype in STORAGE_DTYPES.items()}
 CAPTURE_DTYPE_LABELS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+_OPTIONAL_LABELS = {"<f4": "F32", "<i4": "I32"}
 CHECKSUM = "checksum"
 
 
@@ -72,11 +74,13 @@ def encode_record(
     index: Mapping[str, Sequence[int] | np.ndarray],
     metadata: Mapping[str, str],
     scratch: bytearray | None = None,
+    optional: Mapping[str, np.ndarray] | None = None,
     checksum: bool = True,
 ) -> memoryview:
     """Serialise one record into a single buffer (one copy of the activations).
 
-    `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16).
+    `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16);
+    `optional` adds named float32 or int32 tensors after the index tensors.
     With `scratch`, the record is built in it when it is large enough (a writer reuses one
     buffer instead of faulting in fresh memory per record); the result is then only valid until
     the next call with the same scratch. `checksum=False` leaves the checksum out, only so that
@@ -89,6 +93,14 @@ def encode_record(
     ]
     for name in INDEX_TENSORS:
         arrays.append((name, "I32", np.ascontiguousarray(index[name], dtype=np.int32)))
+    for name, values in (optional or {}).items():
+        array = np.ascontiguousarray(values)
+        label = _OPTIONAL_LABELS.get(array.dtype.str)
+        if name in (ACTIVATIONS, *INDEX_TENSORS):
+            raise ValueError(f"optional tensor {name}: that name is a required tensor's")
+        if label is None:
+            raise ValueError(f"optional tensor {name}: {array.dtype} is not float32 or int32")
+        arrays.append((name, label, array))
     strings = {k: str(v) for k, v in metadata.items()}
     if checksum:
         strings[CHECKSUM] = data_checksum(array for _, _, array in arrays)
@@ -289,6 +301,10 @@ class Record:
     @property
     def generated_token_ids(self) -> np.ndarray:
         return self._raw("generated_token_ids")
+
+    def tensor(self, name: str) -> np.ndarray | None:
+        """An optional tensor (a view), or None when this record has none of that name."""
+        return self._raw(name) if name in self._tensors else None
 
     def slice(
         self, layers: int | Iterable[int] | None = None, tokens: slice | Sequence[int] | None = None

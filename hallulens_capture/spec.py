@@ -17,7 +17,7 @@ from hallulens_capture.errors import CaptureConfigError
 from hallulens_capture.options import checked_number
 
 ENV_STORE_PATH = "ACTIVATION_LMDB_PATH"
-TOKEN_SCOPES = ("generated", "prompt", "all")
+TOKEN_SCOPES = ("generated", "prompt", "all", "response")
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAP_SIZE_GB = 16.0
 MIN_MAP_SIZE_GB = 1 / 1024  # 1 MiB; the store grows its map when full
@@ -26,45 +26,73 @@ MAX_MAP_SIZE_GB = 1 << 17  # 128 TiB, a 64-bit process's whole address space (x8
 _ITEM = re.compile(r"^(-?\d+)(?:\s*(?:-|:|\.\.)\s*(-?\d+))?$")
 
 
-def _layer_items(value: object) -> tuple[tuple[int, int], ...] | None:
-    """Parse `capture_layers` into inclusive (start, end) ranges; None means all layers.
+def parse_layers(
+    value: object, option: str = "capture_layers"
+) -> tuple[tuple[int, int], ...] | None:
+    """Parse a layer selection into inclusive (start, end) ranges; None means all layers.
 
     Accepts what lm-eval's model_args parsers hand over: `all`, an int (or an integral float:
     lm-eval turns `-1` into `-1.0`), a list, or a string of items separated by `,`, `;` or
-    spaces, each an id or an inclusive range `a-b` (also `a:b`, `a..b`; ids may be negative).
+    spaces (optionally in brackets), each an id or an inclusive range `a-b` (also `a:b`,
+    `a..b`; ids may be negative). `option` names the setting in error messages.
     """
     if isinstance(value, str) and value.strip().lower() == "all":
         return None
     if isinstance(value, bool):
-        raise CaptureConfigError(f"capture_layers={value!r}: expected 'all', ids or ranges")
+        raise CaptureConfigError(f"{option}={value!r}: expected 'all', ids or ranges")
     if isinstance(value, float):
         if not value.is_integer():
-            raise CaptureConfigError(f"capture_layers={value!r}: layer ids are integers")
+            raise CaptureConfigError(f"{option}={value!r}: layer ids are integers")
         value = int(value)
     if isinstance(value, int):
         return ((value, value),)
     if isinstance(value, (list, tuple)):
         parts = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in value]
     elif isinstance(value, str):
-        parts = [p for p in re.split(r"[,;\s]+", value.strip()) if p]
+        parts = [p for p in re.split(r"[,;\s]+", value.strip().strip("[]")) if p]
     else:
-        raise CaptureConfigError(f"capture_layers={value!r}: expected 'all', ids or ranges")
+        raise CaptureConfigError(f"{option}={value!r}: expected 'all', ids or ranges")
     if not parts:
-        raise CaptureConfigError(
-            "capture_layers is empty: give 'all', ids (0,8,16) or ranges (10-20)"
-        )
+        raise CaptureConfigError(f"{option} is empty: give 'all', ids (0,8,16) or ranges (10-20)")
     items = []
     for part in parts:
         match = _ITEM.match(part.strip())
         if match is None:
             raise CaptureConfigError(
-                f"capture_layers: {part!r} is not a layer id or range "
+                f"{option}: {part!r} is not a layer id or range "
                 "(examples: all | 0,8,16 | 10-20 | -4--1)"
             )
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
         items.append((start, end))
     return tuple(items)
+
+
+def resolve_layers(
+    items: tuple[tuple[int, int], ...] | None,
+    last: int,
+    option: str = "capture_layers",
+    holder: str | None = None,
+) -> tuple[int, ...]:
+    """Sorted unique ids in 0..last for parsed `items` (negative ids count back from `last`);
+    `holder` describes what has layers 0..last in error messages."""
+    count = last + 1
+    if items is None:
+        return tuple(range(count))
+    holder = holder or f"a model with {last} decoder layers"
+    ids: set[int] = set()
+    for start, end in items:
+        lo, hi = (v + count if v < 0 else v for v in (start, end))
+        for v, raw in ((lo, start), (hi, end)):
+            if not 0 <= v < count:
+                raise CaptureConfigError(
+                    f"{option}: layer {raw} is out of range for {holder} "
+                    f"(ids 0..{last}, or -{count}..-1)"
+                )
+        if lo > hi:
+            raise CaptureConfigError(f"{option}: range {start}-{end} is empty")
+        ids.update(range(lo, hi + 1))
+    return tuple(sorted(ids))
 
 
 @dataclass(frozen=True)
@@ -124,7 +152,7 @@ class CaptureSpec:
             )
         return cls(
             path=path,
-            layers=_layer_items("all" if capture_layers is None else capture_layers),
+            layers=parse_layers("all" if capture_layers is None else capture_layers),
             tokens=tokens,
             dtype=dtype,
             map_size_gb=size,
@@ -132,19 +160,4 @@ class CaptureSpec:
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """Resolve to sorted unique ids in 0..num_layers (num_layers = decoder layers, L)."""
-        if self.layers is None:
-            return tuple(range(num_layers + 1))
-        count = num_layers + 1
-        ids: set[int] = set()
-        for start, end in self.layers:
-            lo, hi = (v + count if v < 0 else v for v in (start, end))
-            for v, raw in ((lo, start), (hi, end)):
-                if not 0 <= v < count:
-                    raise CaptureConfigError(
-                        f"capture_layers: layer {raw} is out of range for a model with "
-                        f"{num_layers} decoder layers (ids 0..{num_layers}, or -{count}..-1)"
-                    )
-            if lo > hi:
-                raise CaptureConfigError(f"capture_layers: range {start}-{end} is empty")
-            ids.update(range(lo, hi + 1))
-        return tuple(sorted(ids))
+        return resolve_layers(self.layers, num_layers)

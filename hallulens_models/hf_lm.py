@@ -70,9 +70,9 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         ):
             raise CaptureError("activation capture supports one sequence per prompt (no beams)")
         scope = self._capture.spec.tokens
-        with self._tap.recording(
-            keep_prefill=scope != "generated", keep_decode=scope != "prompt"
-        ) as log:
+        # `response` needs one prefill column: the last prompt token's (left padding)
+        prefill_rows = {"generated": 0, "response": 1}.get(scope)
+        with self._tap.recording(prefill_rows, keep_decode=scope != "prompt") as log:
             sequences = super()._model_generate(context, max_length, stop, **generation_kwargs)
         width = context.shape[1]
         if log.lengths[:1] != [width] or sum(log.lengths) != sequences.shape[1] - 1:
@@ -89,7 +89,8 @@ class HalluLensHFLM(CaptureMixin, HFLM):
             ]
             # decode step j feeds generated token j-1: the last generated token is never fed
             n_decode = 0 if scope == "prompt" else max(len(generated) - 1, 0)
-            acts = log.row(row, width - n_prompt, n_decode)
+            prompt_rows = {"generated": 0, "response": 1}.get(scope, n_prompt)
+            acts = log.row(row, prompt_rows, n_decode)
             self._captured(
                 CapturedSample(
                     prompt=prompt,

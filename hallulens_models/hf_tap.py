@@ -54,12 +54,14 @@ class StepLog:
         self.blocks: dict[int, torch.Tensor] = {}
         self._decode: torch.Tensor | None = None
 
-    def row(self, row: int, pad: int, n_decode: int) -> torch.Tensor:
-        """[n_layers, tokens, hidden] of one batch row: its prompt (left padding dropped) if the
-        prefill was kept, then its first `n_decode` decode steps if those were kept."""
+    def row(self, row: int, n_prompt: int, n_decode: int) -> torch.Tensor:
+        """[n_layers, tokens, hidden] of one batch row: the last `n_prompt` prefill rows kept
+        (the batch is left-padded, so its prompt ends at the last column), then its first
+        `n_decode` decode steps."""
         parts = []
-        if 0 in self.blocks:
-            parts.append(self.blocks[0][:, row, pad:])
+        if 0 in self.blocks and n_prompt > 0:
+            block = self.blocks[0]
+            parts.append(block[:, row, block.shape[2] - n_prompt :])
         if n_decode > 0:
             if self._decode is None:
                 self._decode = torch.cat(
@@ -81,15 +83,19 @@ class LayerTap:
         self.dtype = dtype
 
     @contextmanager
-    def recording(self, keep_prefill: bool, keep_decode: bool) -> Iterator[StepLog]:
+    def recording(self, prefill_rows: int | None, keep_decode: bool) -> Iterator[StepLog]:
+        """Record forward steps: of the prefill, the last `prefill_rows` columns (None: all,
+        0: none), and every decode step if `keep_decode`."""
         log = StepLog(len(self.layer_ids), self._hidden, self.dtype)
         slots = {lid: i for i, lid in enumerate(self.layer_ids)}
         last = self.layer_ids[-1]
         current: list[torch.Tensor | None] = [None]
 
         def grab(lid: int, hidden: torch.Tensor) -> None:
-            step = len(log.lengths)
-            if keep_prefill if step == 0 else keep_decode:
+            step, length = len(log.lengths), hidden.shape[1]
+            if prefill_rows != 0 if step == 0 else keep_decode:
+                if step == 0 and prefill_rows is not None:
+                    hidden = hidden[:, -prefill_rows:]
                 block = current[0]
                 if block is None:
                     batch, tokens, width = hidden.shape
@@ -104,7 +110,7 @@ class LayerTap:
                 else:
                     block[slots[lid]].copy_(hidden.detach())
             if lid == last:
-                log.lengths.append(hidden.shape[1])
+                log.lengths.append(length)
                 if current[0] is not None:
                     log.blocks[step] = current[0]
                     current[0] = None

@@ -85,14 +85,18 @@ class GraphTap:
 
 class TapObserver:
     """A `llama_cpp_lm.DecodeObserver` that keeps the tapped rows of each sequence for the
-    token scope asked (`prompt`, `generated`, `all`) and hands a finished generation's rows,
-    [n_layers, n_tokens, n_embd] float32, to `sink(context, prompt, generated, rows)`."""
+    token scope asked (`prompt`, `generated`, `all`, `response`) and hands a finished
+    generation's rows, [n_layers, n_tokens, n_embd] float32, to
+    `sink(context, prompt, generated, rows)`."""
 
     def __init__(self, layer_ids, n_layer: int, n_embd: int, scope: str, sink: Callable):
         self._tap = GraphTap(layer_ids, n_embd)
         self._parts = {"prompt": ("prompt",), "generated": ("generated",)}.get(
             scope, ("prompt", "generated")
         )
+        # `response` keeps one prompt row: the last prompt token's, which produced the first
+        # generated token (a prompt is fed in one call, so it is the last row fed)
+        self._prompt_rows = 1 if scope == "response" else None
         self._sink = sink
         self._empty = np.empty((len(layer_ids), 0, n_embd), dtype=np.float32)
         self._rows: dict[int, list[np.ndarray]] = {}
@@ -112,7 +116,10 @@ class TapObserver:
         start = 0
         for end in range(1, len(seqs) + 1):  # runs of tokens of one sequence
             if end == len(seqs) or seqs[end] != seqs[start]:
-                self._rows[seqs[start]].append(rows[:, start:end])
+                first = start
+                if part == "prompt" and self._prompt_rows is not None:
+                    first = max(start, end - self._prompt_rows)
+                self._rows[seqs[start]].append(rows[:, first:end])
                 start = end
 
     def finished(self, seq: int, context: str, prompt: list[int], generated: list[int]) -> None:

@@ -47,11 +47,13 @@ class LayerRows:
         self._pinned = runner.device.type == "cuda"
 
     def _span(self, state) -> tuple[int, float]:
-        """Positions this request keeps: the prompt, the fed generated tokens, or both."""
+        """Positions this request keeps: the prompt, the fed generated tokens, both, or (for
+        `response`) the fed generated tokens from the last prompt token on."""
         n_prompt = len(state.prompt_token_ids or ())
         if self._tokens == "prompt":
             return 0, n_prompt
-        return (n_prompt if self._tokens == "generated" else 0), float("inf")
+        first = {"generated": n_prompt, "response": n_prompt - 1}.get(self._tokens, 0)
+        return first, float("inf")
 
     def take(self, aux: list[torch.Tensor]) -> None:
         """Keep this step's rows of tagged requests (called right after the model's forward)."""

@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+from hallulens_analysis import cli as analysis_cli
+from hallulens_analysis import probe_cli
 from hallulens_capture import cli as store_cli
 from hallulens_capture.errors import HalluLensError, Interrupted
 from hallulens_models import cli as models_cli
@@ -26,11 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     activations = _group(commands, "activations", "inspect and label an activation store")
     store_cli.register(activations)  # ls, show, stats, verify
     labels.register(activations)  # label
+    analysis_cli.register(activations)  # export, audit
     models_cli.register(_group(commands, "models", "embedded model files"))  # path
     generate_cli.register(commands)  # generate
     pipeline.register(commands)  # pipeline
     offline.register(commands)  # judge
     legacy.register(commands)  # export-legacy
+    probe_cli.register(commands)  # probe
     return parser
 
 

@@ -55,6 +55,7 @@ def chats():
         ("all", "float32", None, 3),
         ("generated", "float16", [0, 15, 30], 2),
         ("prompt", "bfloat16", [-2], 1),
+        ("response", "float32", [0, 15, 30], 2),  # the last layer: all prompt logits asked
     ],
 )
 def test_capture_matches_hf_forward(tmp_path, reference_model, chats, tokens, dtype, layers, batch):
@@ -79,6 +80,10 @@ def test_capture_matches_hf_forward(tmp_path, reference_model, chats, tokens, dt
         for key in store:
             record = store[key]
             assert record.backend == "gguf" and record.response in texts
+            if tokens == "response":  # the states that produced the generated tokens
+                n_prompt, n_gen = len(record.prompt_token_ids), len(record.generated_token_ids)
+                first = n_prompt - 1
+                assert list(record.token_positions) == list(range(first, first + n_gen))
             agreement = compare_record(record, reference_model)
             assert agreement.rows == record.shape[0] * record.shape[1] > 0
             lowest = min(lowest, agreement.min_cosine)

@@ -87,6 +87,10 @@ def test_float16_storage_cosine(tmp_path, reference_model):
             [27, 28, 29, 30],
         ),
         ({"capture_layers": [10, 11, 12], "capture_dtype": "float32"}, [10, 11, 12]),
+        (
+            {"capture_tokens": "response", "capture_dtype": "float32", "capture_layers": "0,15,30"},
+            [0, 15, 30],
+        ),
     ],
 )
 def test_options_give_exactly_the_requested_shape(tmp_path, reference_model, capture, layers):
@@ -100,10 +104,14 @@ def test_options_give_exactly_the_requested_shape(tmp_path, reference_model, cap
         for prompt in PROMPTS[:2]:
             record = store[record_key(prompt)]
             n_prompt, n_gen = len(record.prompt_token_ids), len(record.generated_token_ids)
-            tokens = {"prompt": n_prompt, "generated": n_gen - 1, "all": n_prompt + n_gen - 1}[
-                scope
-            ]
+            first, tokens = {
+                "prompt": (0, n_prompt),
+                "generated": (n_prompt, n_gen - 1),
+                "all": (0, n_prompt + n_gen - 1),
+                "response": (n_prompt - 1, n_gen),  # one state per generated token
+            }[scope]
             assert record.shape == (len(layers), tokens, 576)
+            assert list(record.token_positions) == list(range(first, first + tokens))
             assert list(record.layer_ids) == layers
             assert record.storage_dtype == label and record.capture_tokens == scope
             assert compare_record(record, reference_model).min_cosine > 0.999

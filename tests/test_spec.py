@@ -41,7 +41,7 @@ def test_layers_resolve(value, expected):
         ({"capture_layers": "20-10"}, "range 20-10 is empty"),
         ({"capture_layers": 1.5}, "layer ids are integers"),
         ({"capture_layers": ""}, "capture_layers is empty"),
-        ({"capture_tokens": "response"}, "capture_tokens='response'"),
+        ({"capture_tokens": "generation"}, "capture_tokens='generation'"),
         ({"capture_dtype": "int8"}, "capture_dtype='int8'"),
         ({"map_size_gb": 0}, "map_size_gb=0"),
         ({"map_size_gb": "big"}, "map_size_gb='big'"),
@@ -66,3 +66,18 @@ def test_capture_off_without_path_and_on_with_env():
 def test_capture_options_without_a_path_are_refused():
     with pytest.raises(CaptureConfigError, match="capture_layers given but capture is off"):
         CaptureSpec.from_model_args(capture_layers="0", environ={})
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [  # a 4-token prompt and 3 generated tokens: positions 0..5 are fed, 6 (the last) is not
+        ("prompt", [0, 1, 2, 3]),
+        ("generated", [4, 5]),
+        ("all", [0, 1, 2, 3, 4, 5]),
+        ("response", [3, 4, 5]),  # one state per generated token: the one that produced it
+    ],
+)
+def test_token_positions_of_each_scope(scope, expected):
+    from hallulens_capture.positions import token_positions
+
+    assert token_positions(scope, 4, 3).tolist() == expected

@@ -191,7 +191,9 @@ def test_bad_model_args_fail_before_the_engine_starts(args, message):
         HalluLensVLLM(**{"pretrained": "smollm2", "activations": "x.lmdb", **args})
 
 
-def three_prompts_match_hf(tmp_path, reference_model, name: str, **engine) -> None:
+def three_prompts_match_hf(
+    tmp_path, reference_model, name: str, tokens: str = "all", **engine
+) -> None:
     """Three short generations on a fresh engine; every record matches the HF pass."""
     from hallulens_models.vllm_lm import HalluLensVLLM
 
@@ -199,7 +201,7 @@ def three_prompts_match_hf(tmp_path, reference_model, name: str, **engine) -> No
     lm = HalluLensVLLM(
         pretrained="smollm2",
         activations=str(path),
-        capture_tokens="all",
+        capture_tokens=tokens,
         capture_dtype="float32",
         dtype="float32",
         gpu_memory_utilization=0.2,
@@ -264,3 +266,22 @@ def test_embedded_model_runs_with_default_engine_settings(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gpu_memory_utilization (the share of RAM it reserves) set to" in result.stderr
     assert "answer_mentioned" in result.stdout
+
+
+def test_response_scope_holds_the_state_before_each_generated_token(tmp_path, reference_model):
+    """capture_tokens=response: positions P-1 .. P+G-2, one state per generated token; the
+    three prompts' prefill does not fit one 16-token step, so it is split over several."""
+    three_prompts_match_hf(
+        tmp_path,
+        reference_model,
+        "hallulens-vllm (response scope, chunked prefill)",
+        tokens="response",
+        enforce_eager=True,
+        max_num_batched_tokens=16,
+    )
+    with open_store(tmp_path / "acts.lmdb") as store:
+        for key in store:
+            record = store[key]
+            first = len(record.prompt_token_ids) - 1
+            positions = list(range(first, first + len(record.generated_token_ids)))
+            assert record.token_positions.tolist() == positions

@@ -3,8 +3,11 @@
 A sample's `prompt_hash` (the harness's own field) is sha256 of the exact prompt, i.e. the
 store key. Repeated prompts have `-1`, `-2`, ... records; the one whose stored task and doc_id
 match the sample is the sample's record. Labels go to the store's `labels` sub-database in one
-transaction; the records are not touched. Samples with claim-level verdicts (LongWiki) also get
-token-level labels (`token_labels.py`), for which the tested model's tokenizer is loaded.
+transaction; the records are not touched. An entry holds label, task, doc_id, judge, samples
+(the file it came from) and, when the task's doc has one, the gold `answer` (the analysis's
+`answer` reduction looks for it in the response; stores labelled before have none). Samples with
+claim-level verdicts (LongWiki) also get token-level labels (`token_labels.py`), for which the
+tested model's tokenizer is loaded.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def label_store(sample_paths: list[Path], store_path: str, tokenizer: str | None
                     "judge": result.get("judge"),
                     "samples": path.name,
                 }
+                answer = row["doc"].get("answer")
+                if isinstance(answer, str) and answer.strip():
+                    labels[key]["answer"] = answer
                 if "sentences" in result:  # claim-level verdicts: token labels too
                     record = store[key]
                     source = (tokenizer or record.model, "" if tokenizer else record.backend)
