@@ -25,8 +25,9 @@ def _per_token(record: Record, name: str) -> np.ndarray | None:
     n = len(record.generated_token_ids)
     if values.shape != (n,) or n == 0 or not np.all(np.isfinite(values)):
         raise RecordFormatError(
-            f"record {record.key}: {name} has shape {list(values.shape)} (finite values needed, "
-            f"one per generated token: [{n}])"
+            record.key,
+            f"{name} has shape {list(values.shape)} (finite values needed, one per generated "
+            f"token: [{n}])",
         )
     return values.astype(np.float64)
 
