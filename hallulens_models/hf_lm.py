@@ -15,7 +15,7 @@ from lm_eval.models.huggingface import HFLM
 
 from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.positions import response_length, token_positions
-from hallulens_capture.session import CapturedSample, CaptureSession
+from hallulens_capture.session import CapturedSample
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
@@ -45,7 +45,7 @@ class HalluLensHFLM(CaptureMixin, HFLM):
             raise CaptureConfigError("activation capture needs a decoder-only (causal) model")
         self._tap = LayerTap(self.model, layer_ids, TORCH_DTYPES[spec.dtype])
         self._eos_ids = self._end_token_ids()
-        self._start_capture(CaptureSession(spec, layer_ids, model_name, backend="hf"))
+        self._start_capture(spec, layer_ids, model_name, backend="hf")
 
     def _end_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

@@ -22,7 +22,6 @@ import weakref
 from lm_eval.api.registry import register_model
 from lm_eval.models.vllm_causallms import VLLM
 
-from hallulens_capture.session import CaptureSession
 from hallulens_models import vllm_capture as capture
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
@@ -56,7 +55,7 @@ class HalluLensVLLM(CaptureMixin, VLLM):
         weakref.finalize(self, shutil.rmtree, self._staging, True)
         self._run = uuid.uuid4().hex[:12]
         self._tags = 0
-        self._start_capture(CaptureSession(spec, layer_ids, model_name, backend="vllm"))
+        self._start_capture(spec, layer_ids, model_name, backend="vllm")
 
     def _model_generate(self, requests, generate=False, sampling_params=None):
         if not (self.capturing and generate and isinstance(sampling_params, list)):
