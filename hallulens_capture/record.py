@@ -355,6 +355,11 @@ class Record:
         return data_checksum([self._buf[self._start :]])
 
     @property
+    def buffer(self) -> memoryview:
+        """The record's bytes as stored (a view into the store's memory map)."""
+        return self._buf
+
+    @property
     def nbytes(self) -> int:
         return len(self._buf)
 

@@ -413,7 +413,7 @@ class ActivationStore(Mapping[str, Record]):
                 try:
                     self._lock = _lock_shard(self._own.path, shard, self.path)
                 except BaseException:
-                    self._own.close()
+                    self.close()
                     raise
         try:
             self._open_others()
@@ -490,6 +490,10 @@ class ActivationStore(Mapping[str, Record]):
         as a bad record."""
         for key, _ in self._merged():
             yield key.decode("utf-8", "surrogateescape")
+
+    def environments(self) -> list[str]:
+        """The LMDB environments this store reads: "the root environment", "shard NAME"."""
+        return [part.label for part in self._parts]
 
     def conflicts(self) -> dict[str, list[str]]:
         """Keys held by more than one environment -> where (`verify` reports each)."""
