@@ -176,7 +176,7 @@ def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"data_parallel_size": 2}, "data_parallel_size=2 cannot be used with activation capture"),
+        ({"speculative_config": {"method": "ngram"}}, "speculative_config={'method': 'ngram'}"),
         ({"enable_prefix_caching": True}, "enable_prefix_caching=True cannot be used"),
         ({"worker_cls": "my.Worker"}, "worker_cls=my.Worker: capture needs"),
         ({"capture_layers": [31]}, "layer 31 is out of range"),
