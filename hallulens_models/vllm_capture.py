@@ -31,6 +31,11 @@ WORKER = "hallulens_models.vllm_worker.CaptureWorker"
 COLLECT = "hallulens_collect"  # the worker method collective_rpc calls
 
 _REFUSED = {
+    "pipeline_parallel_size": (
+        lambda v: int(v) > 1,
+        "use tensor_parallel_size within a node and data_parallel_size for more replicas (see "
+        "the README: vLLM 0.32 passes captured layers between stages, but that path is untested)",
+    ),
     "speculative_config": (bool, "verified draft tokens do not map to rows one to one"),
     "enable_prefix_caching": (
         bool,

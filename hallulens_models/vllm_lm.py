@@ -11,7 +11,7 @@ Capture runs with prefix caching off: a cached prefix is never recomputed, so it
 missing; speculative decoding is refused. With `data_parallel_size` > 1 the harness runs its
 replicas as Ray tasks (on any node of the Ray cluster); each replica captures and sends its rows
 back with its outputs (`vllm_replica`), and this process writes the records. Pipeline parallel
-works for models whose vLLM implementation passes the chosen layers between stages.
+is refused (README: Many processes and GPUs).
 """
 
 from __future__ import annotations

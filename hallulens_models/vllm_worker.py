@@ -16,10 +16,7 @@ preempted request's recomputation overwrites its earlier rows instead of duplica
 `hallulens_collect` (called through `collective_rpc` after a generate call) assembles each
 request's rows and hands them over as raw files in a staging directory, so no bulk data crosses
 the engine's RPC channel. Only the first tensor-parallel rank keeps rows (the residual stream is
-replicated after each all-reduce). With pipeline parallelism each stage computes the chosen
-layers it owns and vLLM hands them from stage to stage with its intermediate tensors (models with
-`supports_aux_hidden_states_over_pp`: the Llama and Qwen2 families), so the last stage sees them
-all and keeps the rows.
+replicated after each all-reduce).
 """
 
 from __future__ import annotations
@@ -160,20 +157,11 @@ def _install(worker) -> None:
             f"hallulens-vllm cannot capture here: {what}; tested with vLLM 0.32 and its "
             "Llama/Qwen/Mistral-family models on the V1 model runner"
         )
-    from vllm.distributed import get_pp_group, get_tp_group
-
-    pipeline = get_pp_group()
-    if pipeline.world_size > 1 and not getattr(model, "supports_aux_hidden_states_over_pp", False):
-        raise CaptureError(
-            f"pipeline_parallel_size={pipeline.world_size} cannot be used with activation capture "
-            f"of {type(model).__name__}: its vLLM implementation does not pass the chosen layers "
-            "between pipeline stages; use tensor_parallel_size instead"
-        )
     layer_ids = [int(i) for i in config["layer_ids"]]
-    model.set_aux_hidden_state_layers(tuple(layer_ids))  # each stage keeps the layers it runs
-    if not pipeline.is_last_rank:  # its layers travel on with the stage's intermediate tensors
-        return
+    model.set_aux_hidden_state_layers(tuple(layer_ids))
     runner.use_aux_hidden_state_outputs = True  # the runner unpacks (hidden, aux) itself
+    from vllm.distributed import get_tp_group
+
     if get_tp_group().rank_in_group != 0:
         return
     rows = LayerRows(runner, layer_ids, config["tokens"], config["dtype"])

@@ -176,6 +176,7 @@ def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2 cannot be used with activation"),
         ({"speculative_config": {"method": "ngram"}}, "speculative_config={'method': 'ngram'}"),
         ({"enable_prefix_caching": True}, "enable_prefix_caching=True cannot be used"),
         ({"worker_cls": "my.Worker"}, "worker_cls=my.Worker: capture needs"),
