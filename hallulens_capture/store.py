@@ -25,20 +25,30 @@ import heapq
 import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
 import socket
+import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
 from hallulens_capture.errors import RecordConflictError, StoreError
 from hallulens_capture.keys import shown_key
-from hallulens_capture.lmdbfile import check_data_file, read_meta
-from hallulens_capture.record import Record
+from hallulens_capture.lmdbfile import LayoutError, check_data_file, read_meta, value_spans
+from hallulens_capture.record import (
+    STORAGE_DTYPES,
+    Layout,
+    Record,
+    activation_layout,
+    bf16_to_f32,
+    layer_rows,
+)
 from hallulens_capture.spec import DEFAULT_MAP_SIZE_GB
 
 log = logging.getLogger(__name__)
@@ -226,6 +236,7 @@ class _Environment:
         self.env = _acquire_env(self.path, writable, map_size_gb, create)
         self.max_key = self.env.max_key_size()
         self.txn: lmdb.Transaction | None = None
+        self.located: tuple[memoryview, dict[bytes, tuple[int, int]]] | bool | None = None
         try:
             self.records, self.info = self._open_dbs(create)
         except BaseException:
@@ -275,12 +286,35 @@ class _Environment:
         return self.txn
 
     def refresh(self) -> None:
+        self.located = None  # its map goes when the last array from it does
         if self.txn is not None:
             self.txn.abort()
             self.txn = None
 
+    def _locate(self) -> tuple[memoryview, dict[bytes, tuple[int, int]]] | None:
+        """Where each record of the snapshot lies in data.mdb, and the file mapped read-only:
+        py-lmdb's own reads touch every page of a value, so a slice of a large record would
+        read all of it. Found once per snapshot; None (read through LMDB) when the walk does
+        not apply (a writer's own environment changes under it)."""
+        if self.located is None:
+            txn = self.snapshot()
+            self.located = False
+            if not self.writable:
+                try:
+                    with open(os.path.join(self.path, "data.mdb"), "rb") as f:
+                        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                    self.located = (data, value_spans(data, txn.id(), _RECORDS))
+                except (LayoutError, OSError, ValueError, struct.error) as exc:
+                    log.debug("%s: reading through LMDB (%s)", self.path, exc)
+        return self.located or None
+
     def get(self, raw: bytes) -> memoryview | None:
-        return self.snapshot().get(raw, db=self.records)
+        located = self._locate()
+        if located is None:
+            return self.snapshot().get(raw, db=self.records)
+        data, spans = located
+        span = spans.get(raw)
+        return None if span is None else data[span[0] : span[0] + span[1]]
 
     def entries(self) -> int:
         return self.snapshot().stat(self.records)["entries"]
@@ -401,6 +435,7 @@ class ActivationStore(Mapping[str, Record]):
         self._own: _Environment | None = None
         self._others: list[_Environment] = []
         self._lock: int | None = None
+        self._layouts: dict[str, tuple[np.ndarray, Layout]] = {}  # see _activations
         if shard is not None and not _SHARD_NAME.match(shard):
             raise StoreError(f"shard name {shard!r}: use letters, digits, '.', '_' and '-'")
         if writable:
@@ -439,6 +474,7 @@ class ActivationStore(Mapping[str, Record]):
     def refresh(self) -> None:
         """Drop the read snapshots; the next read sees every record committed since, and every
         shard created since."""
+        self._layouts.clear()
         for part in self._parts:
             part.refresh()
         if not self.writable:
@@ -456,13 +492,76 @@ class ActivationStore(Mapping[str, Record]):
                     break
         return hits
 
-    def __getitem__(self, key: str) -> Record:
+    def _value(self, key: str) -> memoryview:
+        """The bytes of record `key`: KeyError when absent, RecordConflictError when two
+        environments hold it."""
         hits = self._hits(key)
         if not hits:
             raise KeyError(key)
         if len(hits) > 1:
             raise RecordConflictError(shown_key(key), _conflict([part for part, _ in hits]))
-        return Record(key, hits[0][1])
+        return hits[0][1]
+
+    def __getitem__(self, key: str) -> Record:
+        return Record(key, self._value(key))
+
+    def read_many(
+        self,
+        keys: Sequence[str],
+        layers: int | Sequence[int] | None = None,
+        tokens: slice | Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Some layers x some tokens of many records as one array [records, layers, tokens,
+        hidden]: one read snapshot, no parse of each whole header (`activation_layout`), and
+        only the selected bytes touched, copied once into the result.
+
+        `layers` are layer ids (all when None), `tokens` index each record's token axis (a
+        slice or indices, negative ones from the end); every record must give the same shape
+        (StoreError names the first that does not). BF16 data comes back as float32.
+        """
+        cols = slice(None) if tokens is None else tokens
+        rows_of: dict[bytes, list[int]] = {}  # layer_ids bytes -> rows wanted (alike in a run)
+        out: np.ndarray | None = None
+        label = ""
+        for i, key in enumerate(keys):
+            block, layout = self._activations(key)
+            rows = rows_of.get(layout.layer_ids)
+            if rows is None:
+                stored = np.frombuffer(layout.layer_ids, dtype="<i4").tolist()
+                rows = layer_rows(key, stored, stored if layers is None else layers)
+                rows_of[layout.layer_ids] = rows
+            first = block[rows[0], cols]  # basic indexing: a view of the selected bytes
+            if out is None:
+                label = layout.label
+                out = np.empty((len(keys), len(rows), *first.shape), dtype=block.dtype)
+            if layout.label != label or first.shape != out.shape[2:]:
+                raise StoreError(
+                    f"{self.path}: record {shown_key(key)} gives {layout.label} "
+                    f"{[len(rows), *first.shape]} where the records before gave {label} "
+                    f"{list(out.shape[1:])}: select tokens all records have, or read records "
+                    "one at a time"
+                )
+            out[i, 0] = first
+            for j, row in enumerate(rows[1:], start=1):
+                out[i, j] = block[row, cols]
+        if out is None:
+            return np.empty((0, 0, 0, 0), dtype=np.float16)
+        return bf16_to_f32(out) if label == "BF16" else out
+
+    def _activations(self, key: str) -> tuple[np.ndarray, Layout]:
+        """A record's activations as an array over the stored bytes, and their layout; kept
+        for the snapshot by a read-only store, so that reading another selection of the same
+        records parses nothing again."""
+        found = self._layouts.get(key)
+        if found is None:
+            value = self._value(key)
+            layout = activation_layout(key, value)
+            count = layout.shape[0] * layout.shape[1] * layout.shape[2]
+            array = np.frombuffer(value, STORAGE_DTYPES[layout.label], count, layout.start)
+            found = (array.reshape(layout.shape), layout)
+            if not self.writable:
+                self._layouts[key] = found
+        return found
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(self._hits(key, first=True))
@@ -603,6 +702,7 @@ class ActivationStore(Mapping[str, Record]):
 
     # --- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
+        self._layouts.clear()
         parts, self._own, self._others = self._parts, None, []
         for part in parts:
             part.close()
