@@ -390,13 +390,17 @@ class Record:
 # header dict, compact, then spaces). Matched up to the end of the header, they are the
 # top-level entries (the last of duplicate keys, as JSON parsers take them): no string can
 # hold this text, since quotes inside a JSON string are escaped.
-_TENSOR = rb'\{"dtype":"([A-Z0-9]+)","shape":\[([0-9,]*)\],"data_offsets":\[([0-9]+),([0-9]+)\]\}'
+_ACTIVATIONS_ENTRY = (
+    rb'\{"dtype":"(F16|BF16|F32)","shape":\[([0-9]+),([0-9]+),([0-9]+)\],'
+    rb'"data_offsets":\[([0-9]+),([0-9]+)\]\}'
+)
+_LAYER_IDS_ENTRY = rb'\{"dtype":"I32","shape":\[([0-9]+)\],"data_offsets":\[([0-9]+),([0-9]+)\]\}'
 _ANY_TENSOR = rb'\{"dtype":"[A-Z0-9]+","shape":\[[0-9,]*\],"data_offsets":\[[0-9]+,[0-9]+\]\}'
 _WRITER_TAIL = re.compile(
     rb',"all_layers_activations":'
-    + _TENSOR
+    + _ACTIVATIONS_ENTRY
     + rb',"layer_ids":'
-    + _TENSOR
+    + _LAYER_IDS_ENTRY
     + rb'(?:,"[A-Za-z0-9_]+":'
     + _ANY_TENSOR
     + rb")*\} *"
@@ -439,24 +443,18 @@ def _writer_layout(buffer: memoryview) -> Layout | None:
     match = _WRITER_TAIL.fullmatch(tail, max(tail.rfind(_TAIL_START), 0))
     if match is None:
         return None
-    label, dims, begin, end, ids_label, ids_dims, ids_begin, ids_end = match.groups()
-    shape = tuple(int(d) for d in dims.split(b",") if d)
+    label = match.group(1).decode()
+    layers, tokens, hidden, begin, end, count, ids_begin, ids_end = map(int, match.groups()[1:])
     data = size - 8 - hlen
-    begin, end, ids_begin, ids_end = int(begin), int(end), int(ids_begin), int(ids_end)
-    layers = int(ids_dims) if ids_dims.isdigit() else -1
-    label = label.decode()
     if (
-        label not in ("F16", "BF16", "F32")
-        or ids_label != b"I32"
-        or len(shape) != 3
-        or 0 in (shape[0], shape[2])
-        or layers != shape[0]
+        count != layers
+        or 0 in (layers, hidden)
         or not begin <= end <= data
-        or end - begin != _nbytes(label, shape, data)
+        or end - begin != _nbytes(label, (layers, tokens, hidden), data)
         or not ids_begin <= ids_end <= data
         or ids_end - ids_begin != 4 * layers
     ):
         return None
     start = 8 + hlen
     ids = bytes(buffer[start + ids_begin : start + ids_end])
-    return Layout(label, shape, start + begin, ids)  # type: ignore[arg-type]
+    return Layout(label, (layers, tokens, hidden), start + begin, ids)

@@ -312,9 +312,12 @@ class _Environment:
         located = self._locate()
         if located is None:
             return self.snapshot().get(raw, db=self.records)
-        data, spans = located
-        span = spans.get(raw)
-        return None if span is None else data[span[0] : span[0] + span[1]]
+        span = located[1].get(raw)
+        return None if span is None else self.view(span)
+
+    def view(self, span: tuple[int, int]) -> memoryview:
+        """The bytes at `span` of the located data file."""
+        return self.located[0][span[0] : span[0] + span[1]]  # type: ignore[index]
 
     def entries(self) -> int:
         return self.snapshot().stat(self.records)["entries"]
@@ -436,6 +439,7 @@ class ActivationStore(Mapping[str, Record]):
         self._others: list[_Environment] = []
         self._lock: int | None = None
         self._layouts: dict[str, tuple[np.ndarray, Layout]] = {}  # see _activations
+        self._places: dict | bool | None = None  # see _where
         if shard is not None and not _SHARD_NAME.match(shard):
             raise StoreError(f"shard name {shard!r}: use letters, digits, '.', '_' and '-'")
         if writable:
@@ -475,15 +479,35 @@ class ActivationStore(Mapping[str, Record]):
         """Drop the read snapshots; the next read sees every record committed since, and every
         shard created since."""
         self._layouts.clear()
+        self._places = None
         for part in self._parts:
             part.refresh()
         if not self.writable:
             self._open_others()
 
+    def _where(self) -> dict[bytes, list[tuple[_Environment, tuple[int, int]]]] | None:
+        """key -> the environments holding it and where, for a read-only store of several
+        environments all located: one lookup per key instead of one per environment."""
+        if self._places is None:
+            self._places = False
+            parts = self._parts
+            located = [part._locate() for part in parts] if len(parts) > 1 else [None]
+            if not self.writable and None not in located:
+                places: dict[bytes, list[tuple[_Environment, tuple[int, int]]]] = {}
+                for part, (_, spans) in zip(parts, located, strict=True):  # type: ignore[misc]
+                    for key, span in spans.items():
+                        places.setdefault(key, []).append((part, span))
+                self._places = places
+        return self._places or None
+
     def _hits(self, key: str, first: bool = False) -> list[tuple[_Environment, memoryview]]:
         """The environments holding `key` and its bytes there (the first only, if `first`);
         none for a key LMDB cannot hold (empty, too long)."""
         raw = key.encode("utf-8", "surrogateescape")
+        where = self._where()
+        if where is not None:
+            places = where.get(raw, ())
+            return [(part, part.view(span)) for part, span in places[: 1 if first else None]]
         hits = []
         for part in self._parts:
             if 0 < len(raw) <= part.max_key and (value := part.get(raw)) is not None:
@@ -703,6 +727,7 @@ class ActivationStore(Mapping[str, Record]):
     # --- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         self._layouts.clear()
+        self._places = None
         parts, self._own, self._others = self._parts, None, []
         for part in parts:
             part.close()
