@@ -406,7 +406,7 @@ _WRITER_TAIL = re.compile(
     + rb")*\} *"
 )
 _TAIL_START = b',"all_layers_activations":{"dtype":"'
-_TAIL_WINDOW = 2048  # bytes at the end of a header that hold the tensor entries
+_TAIL_WINDOW = 1024  # bytes at the end of a header that hold the tensor entries
 
 
 class Layout(NamedTuple):

@@ -315,6 +315,11 @@ class _Environment:
         span = located[1].get(raw)
         return None if span is None else self.view(span)
 
+    def span(self, raw: bytes) -> tuple[int, int] | None:
+        """Where record `raw` lies in the located data file; None when not located."""
+        located = self._locate()
+        return None if located is None else located[1].get(raw)
+
     def view(self, span: tuple[int, int]) -> memoryview:
         """The bytes at `span` of the located data file."""
         return self.located[0][span[0] : span[0] + span[1]]  # type: ignore[index]
@@ -438,7 +443,7 @@ class ActivationStore(Mapping[str, Record]):
         self._own: _Environment | None = None
         self._others: list[_Environment] = []
         self._lock: int | None = None
-        self._layouts: dict[str, tuple[np.ndarray, Layout]] = {}  # see _activations
+        self._layouts: dict[str, tuple[memoryview, int, Layout]] = {}  # see _place
         self._places: dict | bool | None = None  # see _where
         if shard is not None and not _SHARD_NAME.match(shard):
             raise StoreError(f"shard name {shard!r}: use letters, digits, '.', '_' and '-'")
@@ -516,18 +521,18 @@ class ActivationStore(Mapping[str, Record]):
                     break
         return hits
 
-    def _value(self, key: str) -> memoryview:
-        """The bytes of record `key`: KeyError when absent, RecordConflictError when two
-        environments hold it."""
+    def _hit(self, key: str) -> tuple[_Environment, memoryview]:
+        """The environment holding record `key` and its bytes: KeyError when absent,
+        RecordConflictError when two environments hold it."""
         hits = self._hits(key)
         if not hits:
             raise KeyError(key)
         if len(hits) > 1:
             raise RecordConflictError(shown_key(key), _conflict([part for part, _ in hits]))
-        return hits[0][1]
+        return hits[0]
 
     def __getitem__(self, key: str) -> Record:
-        return Record(key, self._value(key))
+        return Record(key, self._hit(key)[1])
 
     def read_many(
         self,
@@ -536,53 +541,84 @@ class ActivationStore(Mapping[str, Record]):
         tokens: slice | Sequence[int] | None = None,
     ) -> np.ndarray:
         """Some layers x some tokens of many records as one array [records, layers, tokens,
-        hidden]: one read snapshot, no parse of each whole header (`activation_layout`), and
-        only the selected bytes touched, copied once into the result.
+        hidden]: one read snapshot, each header read only where the writer put the tensor
+        entries (`activation_layout`) and kept for the snapshot, the offsets of every selected
+        piece computed for all records at once, and each piece copied once, into the result.
 
         `layers` are layer ids (all when None), `tokens` index each record's token axis (a
         slice or indices, negative ones from the end); every record must give the same shape
         (StoreError names the first that does not). BF16 data comes back as float32.
         """
-        cols = slice(None) if tokens is None else tokens
-        rows_of: dict[bytes, list[int]] = {}  # layer_ids bytes -> rows wanted (alike in a run)
-        out: np.ndarray | None = None
-        label = ""
-        for i, key in enumerate(keys):
-            block, layout = self._activations(key)
-            rows = rows_of.get(layout.layer_ids)
-            if rows is None:
-                stored = np.frombuffer(layout.layer_ids, dtype="<i4").tolist()
-                rows = layer_rows(key, stored, stored if layers is None else layers)
-                rows_of[layout.layer_ids] = rows
-            first = block[rows[0], cols]  # basic indexing: a view of the selected bytes
-            if out is None:
-                label = layout.label
-                out = np.empty((len(keys), len(rows), *first.shape), dtype=block.dtype)
-            if layout.label != label or first.shape != out.shape[2:]:
-                raise StoreError(
-                    f"{self.path}: record {shown_key(key)} gives {layout.label} "
-                    f"{[len(rows), *first.shape]} where the records before gave {label} "
-                    f"{list(out.shape[1:])}: select tokens all records have, or read records "
-                    "one at a time"
-                )
-            out[i, 0] = first
-            for j, row in enumerate(rows[1:], start=1):
-                out[i, j] = block[row, cols]
-        if out is None:
+        if not keys:
             return np.empty((0, 0, 0, 0), dtype=np.float16)
-        return bf16_to_f32(out) if label == "BF16" else out
+        places = [self._place(key) for key in keys]
+        first = places[0][2]
+        rows_of: dict[bytes, list[int]] = {}  # layer_ids bytes -> rows (alike in a run)
+        for key, (_, _, layout) in zip(keys, places, strict=True):
+            if layout.label != first.label or layout.shape[2] != first.shape[2]:
+                raise self._unlike(key, f"{layout.label}, hidden {layout.shape[2]}", first)
+            if layout.layer_ids not in rows_of:
+                stored = np.frombuffer(layout.layer_ids, dtype="<i4").tolist()
+                rows_of[layout.layer_ids] = layer_rows(
+                    key, stored, stored if layers is None else layers
+                )
+        if len({len(rows) for rows in rows_of.values()}) > 1:
+            raise self._unlike(keys[-1], "another number of the selected layers", first)
+        hidden, size = first.shape[2], STORAGE_DTYPES[first.label]().itemsize
+        base = np.fromiter((start for _, start, _ in places), np.int64, len(places))
+        counts = np.fromiter((layout.shape[1] for *_, layout in places), np.int64, len(places))
+        rows = np.array([rows_of[layout.layer_ids] for *_, layout in places], dtype=np.int64)
+        picked = _token_starts(tokens, counts)
+        if isinstance(picked, int):
+            raise self._unlike(keys[picked], "another number of tokens in the selection", first)
+        starts, width = picked
+        row_bytes = counts[:, None] * hidden * size
+        offsets = base[:, None, None] + rows[:, :, None] * row_bytes[:, :, None]
+        offsets = offsets + (starts * hidden * size)[:, None, :]
+        span = width * hidden * size  # bytes per gathered piece
+        n_tokens = width if starts.shape[1] == 1 else starts.shape[1]
+        out = np.empty((len(keys), rows.shape[1], n_tokens, hidden), STORAGE_DTYPES[first.label])
+        if not span:
+            return out
+        pieces = out.view(np.uint8).reshape(len(keys), -1, span)
+        offsets = offsets.reshape(len(keys), -1)
+        mapped: dict[int, np.ndarray] = {}  # buffer -> its bytes as an array (one per file)
+        data = []
+        for buffer, *_ in places:
+            array = mapped.get(id(buffer))
+            if array is None:
+                array = mapped[id(buffer)] = np.frombuffer(buffer, np.uint8)
+            data.append(array)
+        sizes = np.fromiter((d.size for d in data), np.int64, len(data))
+        if offsets.size and (offsets.min() < 0 or (offsets.max(axis=1) + span > sizes).any()):
+            raise StoreError(f"{self.path}: a record's layout points outside its data")
+        for i, starts_of_record in enumerate(offsets.tolist()):
+            for j, at in enumerate(starts_of_record):  # one copy, straight into the result
+                pieces[i, j] = data[i][at : at + span]
+        return bf16_to_f32(out) if first.label == "BF16" else out
 
-    def _activations(self, key: str) -> tuple[np.ndarray, Layout]:
-        """A record's activations as an array over the stored bytes, and their layout; kept
-        for the snapshot by a read-only store, so that reading another selection of the same
+    def _unlike(self, key: str, what: str, first: Layout) -> StoreError:
+        layers = np.frombuffer(first.layer_ids, "<i4").tolist()
+        return StoreError(
+            f"{self.path}: record {shown_key(key)}: {what}, unlike the first record "
+            f"({first.label}, layers {layers}, hidden {first.shape[2]}): select what every "
+            "record has, or read records one at a time"
+        )
+
+    def _place(self, key: str) -> tuple[memoryview, int, Layout]:
+        """Where a record's activations lie: the buffer holding them (its environment's mapped
+        data file, or for a writer the record's bytes), their offset in it, and their layout;
+        kept for the snapshot by a read-only store, so that another selection of the same
         records parses nothing again."""
         found = self._layouts.get(key)
         if found is None:
-            value = self._value(key)
+            part, value = self._hit(key)
             layout = activation_layout(key, value)
-            count = layout.shape[0] * layout.shape[1] * layout.shape[2]
-            array = np.frombuffer(value, STORAGE_DTYPES[layout.label], count, layout.start)
-            found = (array.reshape(layout.shape), layout)
+            span = part.span(key.encode("utf-8", "surrogateescape"))
+            if span is None:
+                found = (value, layout.start, layout)
+            else:
+                found = (part.located[0], span[0] + layout.start, layout)  # type: ignore[index]
             if not self.writable:
                 self._layouts[key] = found
         return found
@@ -744,6 +780,29 @@ class ActivationStore(Mapping[str, Record]):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _token_starts(
+    tokens: slice | Sequence[int] | None, counts: np.ndarray
+) -> tuple[np.ndarray, int] | int:
+    """First token of each piece to copy per record ([records, pieces]) and the tokens in a
+    piece: one piece of `width` tokens for a slice of step 1, one token per index otherwise.
+    An int instead: the first record whose selection has another number of tokens."""
+    if tokens is None:
+        tokens = slice(None)
+    if isinstance(tokens, slice) and tokens.step in (None, 1):
+        bounds = np.array([tokens.indices(int(n))[:2] for n in counts], dtype=np.int64)
+        widths = np.maximum(bounds[:, 1] - bounds[:, 0], 0)
+        odd = np.flatnonzero(widths != widths[0])
+        return int(odd[0]) if len(odd) else (bounds[:, :1], int(widths[0]))
+    if isinstance(tokens, slice):
+        picked = [np.arange(*tokens.indices(int(n))) for n in counts]
+        odd = [i for i, p in enumerate(picked) if len(p) != len(picked[0])]
+        return odd[0] if odd else (np.array(picked, dtype=np.int64).reshape(len(counts), -1), 1)
+    wanted = np.asarray(tokens, dtype=np.int64)[None, :]
+    picked = np.where(wanted < 0, wanted + counts[:, None], wanted)
+    bad = np.flatnonzero(((picked < 0) | (picked >= counts[:, None])).any(axis=1))
+    return int(bad[0]) if len(bad) else (picked, 1)
 
 
 def _tagged(keys: Iterator[bytes], index: int) -> Iterator[tuple[bytes, int]]:
