@@ -203,7 +203,6 @@ def read_case(tmp: Path, n: int, shape: tuple[int, int, int]) -> dict[str, objec
         for name, seconds in warm.items():
             result[f"warm_{name}_ms"] = seconds * 1000
             result[f"warm_{name}_ratio"] = seconds / warm[_baseline(name)]
-        del mapped
     return result
 
 

