@@ -567,7 +567,10 @@ class ActivationStore(Mapping[str, Record]):
         hidden, size = first.shape[2], STORAGE_DTYPES[first.label]().itemsize
         base = np.fromiter((start for _, start, _ in places), np.int64, len(places))
         counts = np.fromiter((layout.shape[1] for *_, layout in places), np.int64, len(places))
-        rows = np.array([rows_of[layout.layer_ids] for *_, layout in places], dtype=np.int64)
+        if len(rows_of) == 1:  # the usual case: every record holds the same layers
+            rows = np.array(next(iter(rows_of.values())), dtype=np.int64)[None, :]
+        else:
+            rows = np.array([rows_of[layout.layer_ids] for *_, layout in places], dtype=np.int64)
         picked = _token_starts(tokens, counts)
         if isinstance(picked, int):
             raise self._unlike(keys[picked], "another number of tokens in the selection", first)
@@ -577,6 +580,7 @@ class ActivationStore(Mapping[str, Record]):
         offsets = offsets + (starts * hidden * size)[:, None, :]
         span = width * hidden * size  # bytes per gathered piece
         n_tokens = width if starts.shape[1] == 1 else starts.shape[1]
+        offsets = np.broadcast_to(offsets, (len(keys), rows.shape[1], starts.shape[1]))
         out = np.empty((len(keys), rows.shape[1], n_tokens, hidden), STORAGE_DTYPES[first.label])
         if not span:
             return out
@@ -592,9 +596,9 @@ class ActivationStore(Mapping[str, Record]):
         sizes = np.fromiter((d.size for d in data), np.int64, len(data))
         if offsets.size and (offsets.min() < 0 or (offsets.max(axis=1) + span > sizes).any()):
             raise StoreError(f"{self.path}: a record's layout points outside its data")
-        for i, starts_of_record in enumerate(offsets.tolist()):
-            for j, at in enumerate(starts_of_record):  # one copy, straight into the result
-                pieces[i, j] = data[i][at : at + span]
+        for record, bytes_of, starts_of_record in zip(pieces, data, offsets.tolist(), strict=True):
+            for piece, at in zip(record, starts_of_record, strict=True):  # one copy each
+                piece[...] = bytes_of[at : at + span]
         return bf16_to_f32(out) if first.label == "BF16" else out
 
     def _unlike(self, key: str, what: str, first: Layout) -> StoreError:
@@ -791,10 +795,10 @@ def _token_starts(
     if tokens is None:
         tokens = slice(None)
     if isinstance(tokens, slice) and tokens.step in (None, 1):
-        bounds = np.array([tokens.indices(int(n))[:2] for n in counts], dtype=np.int64)
-        widths = np.maximum(bounds[:, 1] - bounds[:, 0], 0)
+        first = _clip(tokens.start, counts, 0)
+        widths = np.maximum(_clip(tokens.stop, counts, counts) - first, 0)
         odd = np.flatnonzero(widths != widths[0])
-        return int(odd[0]) if len(odd) else (bounds[:, :1], int(widths[0]))
+        return int(odd[0]) if len(odd) else (first[:, None], int(widths[0]))
     if isinstance(tokens, slice):
         picked = [np.arange(*tokens.indices(int(n))) for n in counts]
         odd = [i for i, p in enumerate(picked) if len(p) != len(picked[0])]
@@ -803,6 +807,13 @@ def _token_starts(
     picked = np.where(wanted < 0, wanted + counts[:, None], wanted)
     bad = np.flatnonzero(((picked < 0) | (picked >= counts[:, None])).any(axis=1))
     return int(bad[0]) if len(bad) else (picked, 1)
+
+
+def _clip(bound: int | None, counts: np.ndarray, default) -> np.ndarray:
+    """A slice bound on each record's token axis, as `slice.indices` gives it (step 1)."""
+    if bound is None:
+        return np.broadcast_to(np.asarray(default, dtype=np.int64), counts.shape)
+    return np.where(bound < 0, np.maximum(bound + counts, 0), np.minimum(bound, counts))
 
 
 def _tagged(keys: Iterator[bytes], index: int) -> Iterator[tuple[bytes, int]]:
