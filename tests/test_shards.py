@@ -269,3 +269,52 @@ def test_labels_of_a_store_of_shards_go_to_its_root_environment(tmp_path):
     with open_store(path) as store:
         assert store.labels() == {sample(4)[0]: {"label": "correct"}}
         assert len(store) == 5
+
+
+def _keys_on_rank(rank: int, world: int, init: str, requests: list, out: str) -> None:
+    """One rank of `test_keys_are_numbered_over_every_rank` (a spawned process)."""
+    import torch.distributed as dist
+
+    from hallulens_models.capture_mixin import _keys_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        keys = _keys_over_ranks(requests[rank])
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(keys, f)
+
+
+def test_keys_are_numbered_over_every_rank_as_one_process_would(tmp_path):
+    """A prompt in documents of two ranks gets the -1, -2 suffixes one process would give it
+    (numbering per rank would give both the bare key: a conflict across shards)."""
+    import torch.multiprocessing as mp
+    from lm_eval.api.instance import Instance
+
+    prompts = {"t1": ["a", "b", "a", "c", "b", "a"], "t2": ["b", "d", "a"]}
+    repeats = {("t1", 1): 2}  # doc 1 of t1 sampled twice
+    order, by_rank = [], [[], []]  # ((task, doc, sample), prompt) as one process has them
+    for task, docs in prompts.items():
+        for doc_id, prompt in enumerate(docs):
+            n = repeats.get((task, doc_id), 1)
+            request = Instance("generate_until", {}, (prompt, {}), 0, (task, doc_id, n))
+            order += [((task, doc_id, k), prompt) for k in range(n)]
+            by_rank[doc_id % 2] += [request] * n  # the harness's split: doc i on rank i % 2
+    keys = occurrence_keys(p for _, p in order)
+    expected = dict(zip([place for place, _ in order], keys, strict=True))
+    assert expected[("t2", 2, 0)] == record_key("a", 3)  # fourth "a" of the run, on rank 0
+    mp.spawn(
+        _keys_on_rank,
+        args=(2, str(tmp_path / "init"), by_rank, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    for rank in range(2):
+        seen: dict = {}
+        wanted = []
+        for request in by_rank[rank]:
+            place = (request.task_name, request.doc_id)
+            seen[place] = seen.get(place, -1) + 1
+            wanted.append(expected[(*place, seen[place])])
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == wanted
