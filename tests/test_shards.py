@@ -318,3 +318,17 @@ def test_keys_are_numbered_over_every_rank_as_one_process_would(tmp_path):
             seen[place] = seen.get(place, -1) + 1
             wanted.append(expected[(*place, seen[place])])
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == wanted
+
+
+def test_the_harness_padding_copies_are_answered_not_captured():
+    """Under several ranks the harness evens out request counts by repeating the last
+    Instance (`repeats` times per copy); those copies get the originals' answers."""
+    from lm_eval.api.instance import Instance
+
+    from hallulens_models.capture_mixin import _without_padding
+
+    a = Instance("generate_until", {}, ("a", {}), 0, ("t", 0, 1))
+    b = Instance("generate_until", {}, ("b", {}), 0, ("t", 1, 2))
+    real, copies = _without_padding([a, b, b, b, b, b, b])  # b's 2 samples, then 2 pads of 2
+    assert real == [0, 1, 2]
+    assert copies == {3: 1, 4: 2, 5: 1, 6: 2}
