@@ -1,4 +1,4 @@
-"""`hallulens activations ls|show|stats|verify`: look into a store from the shell."""
+"""`hallulens activations ls|show|stats|verify|merge`: look into a store from the shell."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from hallulens_capture.errors import HalluLensError, RecordFormatError, StoreError
 from hallulens_capture.keys import shown_key
+from hallulens_capture.merge import merge_store
 from hallulens_capture.options import checked_number
 from hallulens_capture.report import check_record, summarize, verify
 from hallulens_capture.store import open_store
@@ -90,6 +91,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with open_store(args.path) as store, _refuse_bad_records(args.path):
         stats = summarize(store).as_dict()
+        stats["shards"] = store.shards()
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -115,6 +117,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ):
         values = ", ".join(f"{k} x{v}" for k, v in stats[name].items()) or "-"
         print(f"{name:<13}: {values}")
+    if stats["shards"]:
+        print(f"shards       : {len(stats['shards'])}")
+        for shard in stats["shards"]:
+            state = "complete" if shard["complete"] is not None else "incomplete"
+            if shard["writing"]:
+                state = "being written"
+            print(f"  {shard['name']:<11}: {shard['records']} records, {state}")
     if stats["mixed"]:
         differ = ", ".join(f"{n} {name}" for name, n in stats["mixed"].items())
         print(
@@ -138,8 +147,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if result.bad else 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    done = merge_store(args.path, args.out, incomplete_ok=args.incomplete_ok)
+    print(
+        f"merged {done['records']} records and {done['labels']} labels from "
+        f"{done['environments']} environments of {args.path} into {args.out}"
+    )
+    return 0
+
+
 def register(activations: argparse._SubParsersAction) -> None:
-    """`hallulens activations ls|show|stats|verify`."""
+    """`hallulens activations ls|show|stats|verify|merge`."""
     p = activations.add_parser("ls", help="one line per record")
     p.add_argument("path")
     p.add_argument("--limit", type=int, default=None)
@@ -156,3 +174,12 @@ def register(activations: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.add_argument("--headers-only", action="store_true", help="skip reading activation values")
     p.set_defaults(func=cmd_verify)
+    p = activations.add_parser("merge", help="one LMDB environment from a store of shards")
+    p.add_argument("path", help="the store (its root environment and shards)")
+    p.add_argument("out", help="the new store to write (must not exist)")
+    p.add_argument(
+        "--incomplete-ok",
+        action="store_true",
+        help="merge shards whose writer did not finish (no completion marker)",
+    )
+    p.set_defaults(func=cmd_merge)

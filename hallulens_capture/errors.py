@@ -32,3 +32,9 @@ class CaptureError(HalluLensError, RuntimeError):
 
 class Interrupted(HalluLensError):
     """The user stopped a long step (Ctrl-C); what was done so far is kept."""
+
+
+class RecordConflictError(RecordFormatError):
+    """A key held by two environments of one store (two writers made the same record): which one
+    is right is unknown, so neither is read. A RecordFormatError so that every command that
+    reports bad records reports a conflict the same way (`verify` lists them all)."""

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass
+
+import numpy as np
 
 from hallulens_capture.errors import StoreError
 
@@ -104,3 +107,111 @@ def check_data_file(file: str) -> None:
             f"{meta.needed_bytes} bytes: the store was truncated (copied while written? a full "
             "disk?); restore data.mdb from a copy; opening it as it is would crash with a bus error"
         )
+
+
+# --- where values lie: a read-only walk of one named database's B-tree --------------------
+# Why: py-lmdb touches every page of a value it returns (its "preload"), so reading one layer
+# of a 17 MB record through it reads all 17 MB; a slice read must know the value's place in the
+# file instead. Layout (mdb.c, LMDB 0.9, 64-bit little-endian only): a page starts with its
+# header (pgno, pad, flags, lower, upper) and an array of node offsets; a node is (lo, hi, flags,
+# ksize) then the key, then the data: in a branch page lo | hi << 16 | flags << 32 is the child
+# page; in a leaf page lo | hi << 16 is the data size and F_BIGDATA means the data is the number
+# of an overflow page whose bytes follow that page's header. Named databases are leaves of the
+# main database (F_SUBDATA) whose data is an MDB_db, its root page at md_root.
+P_BRANCH, P_LEAF = 0x01, 0x02
+F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
+_NODE = 8
+_LOWER = _WORD + 4  # MDB_page.mp_lower
+_MAIN_ROOT = _PSIZE + _DB + 8 + 4 * _WORD  # mm_dbs[MAIN_DBI].md_root
+_DB_ROOT = 8 + 4 * _WORD  # MDB_db.md_root
+_NO_PAGE = (1 << 64) - 1  # P_INVALID: the root of an empty database
+
+
+class LayoutError(Exception):
+    """The data file is not laid out as the walk reads it: read through LMDB itself."""
+
+
+def value_spans(data: memoryview, txnid: int, db_name: bytes) -> dict[bytes, tuple[int, int]]:
+    """key -> (offset, length) in the data file of every value of named database `db_name`, as of
+    the read snapshot `txnid` (which the caller holds open, so no page of it is reused).
+
+    `data` is the whole data file, mapped. LayoutError when the file is not one this walk reads
+    or the snapshot's meta page was overwritten since (the caller begins a new snapshot)."""
+    if _WORD != 8 or sys.byteorder != "little":
+        raise LayoutError("only 64-bit little-endian data files are walked")
+    size = len(data)
+    if size < _META_PAGE:
+        raise LayoutError("no meta page")
+    (psize,) = struct.unpack_from("=I", data, _PSIZE)
+    if psize < _META_PAGE or psize & (psize - 1) or size < 2 * psize:
+        raise LayoutError(f"page size {psize}")
+    meta = next(
+        (m for m in (0, psize) if struct.unpack_from("=Q", data, m + _TXNID)[0] == txnid), None
+    )
+    if meta is None:
+        raise LayoutError(f"the meta page of transaction {txnid} was overwritten")
+    (last,) = struct.unpack_from("=Q", data, meta + _LAST_PG)
+    if (last + 1) * psize > size:
+        raise LayoutError("the file is shorter than the snapshot")
+    (main,) = struct.unpack_from("=Q", data, meta + _MAIN_ROOT)
+    named = _walk(data, psize, last, main, True).get(db_name)
+    if named is None:
+        raise LayoutError(f"no database {db_name!r}")
+    offset, length = named
+    if length < _DB_ROOT + 8:
+        raise LayoutError("a database record too short")
+    (root,) = struct.unpack_from("=Q", data, offset + _DB_ROOT)
+    return {} if root == _NO_PAGE else _walk(data, psize, last, root, False)
+
+
+def _walk(
+    data: memoryview, psize: int, last: int, root: int, main: bool
+) -> dict[bytes, tuple[int, int]]:
+    """Every leaf value of the B-tree at `root` (of the main database: the named databases),
+    a page at a time: a page's nodes are read as arrays, not one by one."""
+    file = np.frombuffer(data, dtype=np.uint8)
+    spans: dict[bytes, tuple[int, int]] = {}
+    pending, visited = [root], 0
+    while pending:
+        pgno = pending.pop()
+        visited += 1
+        if pgno > last or visited > last + 1:
+            raise LayoutError(f"page {pgno} is outside the snapshot")
+        page = pgno * psize
+        flags, lower = struct.unpack_from("=HH", data, page + _FLAGS)
+        count = (lower - _HEADER) >> 1
+        if not flags & (P_BRANCH | P_LEAF) or lower < _HEADER or _HEADER + 2 * count > psize:
+            raise LayoutError(f"page {pgno} is not a branch or leaf page (flags {flags:#x})")
+        at = np.frombuffer(data, "<u2", count, page + _HEADER).astype(np.int64)
+        if count and int(at.max()) + _NODE > psize:
+            raise LayoutError(f"page {pgno} has a node outside it")
+        nodes = page + at
+        lo, hi, node_flags, ksize = file[nodes[:, None] + np.arange(_NODE)].view("<u2").T
+        if flags & P_BRANCH:
+            pending += (lo | hi.astype(np.int64) << 16 | node_flags.astype(np.int64) << 32).tolist()
+            continue
+        bad = (node_flags & F_DUPDATA != 0) | ((node_flags & F_SUBDATA != 0) != main)
+        if bad.any():
+            raise LayoutError(f"node flags {int(node_flags[bad][0]):#x}")
+        length = lo | hi.astype(np.int64) << 16
+        for k in np.unique(ksize).tolist():
+            mine = ksize == k
+            keys = file[nodes[mine, None] + _NODE + np.arange(k)]
+            start = nodes[mine] + _NODE + k
+            big = node_flags[mine] & F_BIGDATA != 0
+            overflow = file[start[big, None] + np.arange(8)].view("<u8")[:, 0].astype(np.int64)
+            if big.any() and int(overflow.max()) > last:
+                raise LayoutError(f"a value on page {pgno} is outside the snapshot")
+            start[big] = overflow * psize + _HEADER
+            end = start + length[mine]
+            limit = np.where(big, (last + 1) * psize, page + psize)
+            if (end > limit).any():
+                raise LayoutError(f"a value on page {pgno} is outside its pages")
+            spans.update(
+                zip(
+                    map(bytes, keys),
+                    zip(start.tolist(), length[mine].tolist(), strict=True),
+                    strict=True,
+                )
+            )
+    return spans

@@ -8,10 +8,11 @@ slice of some layers x some tokens touches only those bytes of the memory map.
 Tensors: `all_layers_activations` [n_layers, n_tokens, hidden] (F16 / BF16 / F32), `layer_ids`,
 `token_positions`, `prompt_token_ids`, `generated_token_ids` (I32). Metadata: `prompt`,
 `response`, `model`, `timestamp`, `backend`, `task`, `doc_id`, `capture_tokens`, `dtype`,
-`gen_kwargs` (JSON), `format`, `checksum` (CRC-32 of the data section, i.e. every tensor's bytes;
-records written before it was added have none). `activations` (the last captured layer) is a
-view, not stored. Optional tensors (F32 or I32, e.g. per generated token) may follow; records
-without them stay valid, and `Record.tensor(name)` reads them.
+`gen_kwargs` (JSON), `format`, `checksum` (`xxh3:<16 hex>`, XXH3-64 of the data section, i.e.
+every tensor's bytes; records written before it are checked with the `crc32:<8 hex>` they carry,
+and the first ones have none). `activations` (the last captured layer) is a view, not stored.
+Optional tensors (F32 or I32, e.g. per generated token) may follow; records without them stay
+valid, and `Record.tensor(name)` reads them.
 
 Parsing checks the header's structure (types, dims that agree, offsets within the value) so that
 no crafted value can crash or mislead a reader, at a cost independent of the activations' size;
@@ -22,12 +23,15 @@ verify`.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
+import xxhash
 
 from hallulens_capture.errors import RecordFormatError
 from hallulens_capture.keys import shown_key
@@ -43,13 +47,21 @@ _OPTIONAL_LABELS = {"<f4": "F32", "<i4": "I32"}
 CHECKSUM = "checksum"
 
 
-def data_checksum(parts: Iterable[object]) -> str:
-    """CRC-32 of the data section given as its consecutive parts (buffers): "crc32:<8 hex>".
-    CRC-32 runs at several GB/s (benchmarks/bench_store.py), a small share of a record write."""
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part, crc)  # type: ignore[arg-type]
-    return f"crc32:{crc:08x}"
+def data_checksum(parts: Iterable[object], kind: str = "xxh3") -> str:
+    """Checksum of the data section given as its consecutive parts (buffers): "xxh3:<16 hex>"
+    (what the writer writes: XXH3 runs at memory speed, several times CRC-32's, see
+    benchmarks/bench_store.py) or "crc32:<8 hex>" (what records written before carry)."""
+    if kind == "xxh3":
+        digest = xxhash.xxh3_64()
+        for part in parts:
+            digest.update(part)  # type: ignore[arg-type]
+        return f"xxh3:{digest.hexdigest()}"
+    if kind == "crc32":
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)  # type: ignore[arg-type]
+        return f"crc32:{crc:08x}"
+    raise ValueError(f"unknown checksum kind {kind!r}")
 
 
 def storage_from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -129,7 +141,17 @@ def encode_record(
     return memoryview(buf)[:size]
 
 
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+def layer_rows(key: str, stored: list[int], layers: int | Iterable[int]) -> list[int]:
+    """Rows of a record holding layer ids `stored` that hold `layers` (KeyError naming those
+    it lacks)."""
+    wanted = [int(layers)] if isinstance(layers, (int, np.integer)) else [int(i) for i in layers]
+    missing = [i for i in wanted if i not in stored]
+    if missing:
+        raise KeyError(f"record {key} has no layer(s) {missing}; it holds {stored}")
+    return [stored.index(i) for i in wanted]
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
@@ -275,7 +297,7 @@ class Record:
         return self._tensors[ACTIVATIONS][1]  # type: ignore[return-value]
 
     def _values(self, part: np.ndarray) -> np.ndarray:
-        return _bf16_to_f32(part) if self.storage_dtype == "BF16" else part
+        return bf16_to_f32(part) if self.storage_dtype == "BF16" else part
 
     @property
     def all_layers_activations(self) -> np.ndarray:
@@ -319,14 +341,7 @@ class Record:
         if layers is None:
             part = raw[:, cols]
         else:
-            stored = self._raw("layer_ids").tolist()
-            wanted = (
-                [int(layers)] if isinstance(layers, (int, np.integer)) else [int(i) for i in layers]
-            )
-            missing = [i for i in wanted if i not in stored]
-            if missing:
-                raise KeyError(f"record {self.key} has no layer(s) {missing}; it holds {stored}")
-            rows = [stored.index(i) for i in wanted]
+            rows = layer_rows(self.key, self._raw("layer_ids").tolist(), layers)
             if len(rows) == 1:  # basic slicing: only that layer's rows are read
                 part = raw[rows[0] : rows[0] + 1, cols]
             else:
@@ -367,8 +382,15 @@ class Record:
         return self.metadata.get(CHECKSUM)
 
     def data_checksum(self) -> str:
-        """Checksum of the stored data section as it is now (reads every byte of it)."""
-        return data_checksum([self._buf[self._start :]])
+        """Checksum of the stored data section as it is now (reads every byte of it), of the
+        kind the record carries (ValueError for a kind this version does not know)."""
+        kind = self.checksum.partition(":")[0] if self.checksum else "xxh3"
+        return data_checksum([self._buf[self._start :]], kind)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The record's bytes as stored (a view into the store's memory map)."""
+        return self._buf
 
     @property
     def nbytes(self) -> int:
@@ -379,3 +401,77 @@ class Record:
             f"Record({self.key[:16]}…, model={self.model!r}, task={self.task!r}, "
             f"doc_id={self.doc_id}, shape={list(self.shape)}, dtype={self.dtype})"
         )
+
+
+# The writer's header ends with the tensor entries, the activations first (json.dumps of the
+# header dict, compact, then spaces). Matched up to the end of the header, they are the
+# top-level entries (the last of duplicate keys, as JSON parsers take them): no string can
+# hold this text, since quotes inside a JSON string are escaped.
+_ACTIVATIONS_ENTRY = (
+    rb'\{"dtype":"(F16|BF16|F32)","shape":\[([0-9]+),([0-9]+),([0-9]+)\],'
+    rb'"data_offsets":\[([0-9]+),([0-9]+)\]\}'
+)
+_LAYER_IDS_ENTRY = rb'\{"dtype":"I32","shape":\[([0-9]+)\],"data_offsets":\[([0-9]+),([0-9]+)\]\}'
+_ANY_TENSOR = rb'\{"dtype":"[A-Z0-9]+","shape":\[[0-9,]*\],"data_offsets":\[[0-9]+,[0-9]+\]\}'
+_WRITER_TAIL = re.compile(
+    rb',"all_layers_activations":'
+    + _ACTIVATIONS_ENTRY
+    + rb',"layer_ids":'
+    + _LAYER_IDS_ENTRY
+    + rb'(?:,"[A-Za-z0-9_]+":'
+    + _ANY_TENSOR
+    + rb")*\} *"
+)
+_TAIL_START = b',"all_layers_activations":{"dtype":"'
+_TAIL_WINDOW = 1024  # bytes at the end of a header that hold the tensor entries
+
+
+class Layout(NamedTuple):
+    """Where a record's activations lie: what a slice read needs of its header."""
+
+    label: str  # F16, BF16 or F32
+    shape: tuple[int, int, int]
+    start: int  # offset of the activations in the record's bytes
+    layer_ids: bytes  # the layer_ids tensor's bytes (I32)
+
+
+def activation_layout(key: str, buffer: memoryview) -> Layout:
+    """The layout of a record's activations, without parsing its whole header when it ends as
+    the writer writes it (offsets and shapes checked as `Record` checks them); any other header
+    is parsed by `Record`, with its checks and errors."""
+    fast = _writer_layout(buffer)
+    if fast is not None:
+        return fast
+    record = Record(key, buffer)
+    label, shape, begin, _ = record._tensors[ACTIVATIONS]
+    _, _, ids_begin, ids_end = record._tensors["layer_ids"]
+    ids = bytes(buffer[record._start + ids_begin : record._start + ids_end])
+    return Layout(label, shape, record._start + begin, ids)  # type: ignore[arg-type]
+
+
+def _writer_layout(buffer: memoryview) -> Layout | None:
+    size = len(buffer)
+    if size < 8:
+        return None
+    (hlen,) = struct.unpack_from("<Q", buffer, 0)
+    if hlen > size - 8:
+        return None
+    tail = bytes(buffer[8 + hlen - min(hlen, _TAIL_WINDOW) : 8 + hlen])  # not the prompt
+    match = _WRITER_TAIL.fullmatch(tail, max(tail.rfind(_TAIL_START), 0))
+    if match is None:
+        return None
+    label = match.group(1).decode()
+    layers, tokens, hidden, begin, end, count, ids_begin, ids_end = map(int, match.groups()[1:])
+    data = size - 8 - hlen
+    if (
+        count != layers
+        or 0 in (layers, hidden)
+        or not begin <= end <= data
+        or end - begin != _nbytes(label, (layers, tokens, hidden), data)
+        or not ids_begin <= ids_end <= data
+        or ids_end - ids_begin != 4 * layers
+    ):
+        return None
+    start = 8 + hlen
+    ids = bytes(buffer[start + ids_begin : start + ids_end])
+    return Layout(label, (layers, tokens, hidden), start + begin, ids)

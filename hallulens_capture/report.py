@@ -149,11 +149,17 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
                 f"{record.capture_tokens} for {len(record.prompt_token_ids)} prompt + "
                 f"{len(record.generated_token_ids)} generated tokens"
             )
-    if read_values and record.checksum is not None and record.checksum != record.data_checksum():
-        problems.append(
-            f"stored bytes do not match the record's checksum {record.checksum} (overwritten "
-            "or damaged after writing)"
-        )
+    if read_values and record.checksum is not None:
+        try:
+            found = record.data_checksum()
+        except ValueError as exc:
+            problems.append(f"checksum {record.checksum!r}: {exc}")
+        else:
+            if found != record.checksum:
+                problems.append(
+                    f"stored bytes do not match the record's checksum {record.checksum} "
+                    "(overwritten or damaged after writing)"
+                )
     if read_values and not problems and not np.all(np.isfinite(record.all_layers_activations)):
         problems.append(
             "activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)"

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import socket
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hallulens_capture.errors import CaptureError, RecordFormatError, StoreError
-from hallulens_capture.keys import record_key
+from hallulens_capture.keys import occurrence_keys, record_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import (
     CAPTURE_DTYPE_LABELS,
@@ -68,10 +69,25 @@ class CapturedSample:
     activations: np.ndarray
 
 
-class CaptureSession:
-    """Writes records for one model run into one store."""
+def shard_name(job: tuple[int, int] | None, rank: int, world_size: int) -> str | None:
+    """The shard a writing process owns: `jobI` in a job array, `rankR` among several processes
+    of one run (accelerate), both joined; None for the only writer of a run (the root one)."""
+    parts = ([f"job{job[0]}"] if job else []) + ([f"rank{rank}"] if world_size > 1 else [])
+    return "-".join(parts) or None
 
-    def __init__(self, spec: CaptureSpec, layer_ids: Sequence[int], model: str, backend: str):
+
+class CaptureSession:
+    """Writes records for one model run into one store (into its own shard when `shard` names
+    one), reading the whole store for resume."""
+
+    def __init__(
+        self,
+        spec: CaptureSpec,
+        layer_ids: Sequence[int],
+        model: str,
+        backend: str,
+        shard: str | None = None,
+    ):
         self.spec = spec
         self.layer_ids = np.asarray(layer_ids, dtype=np.int32)
         self.model = model
@@ -84,7 +100,10 @@ class CaptureSession:
             "capture_tokens": spec.tokens,
             "layers": layers_text(self.layer_ids),
         }
-        self.store = ActivationStore(spec.path, writable=True, map_size_gb=spec.map_size_gb)
+        self.store = ActivationStore(
+            spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
+        )
+        self.store.mark_incomplete()
         self.written = 0
         self._scratch = bytearray()
         self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the records held in memory
@@ -93,23 +112,23 @@ class CaptureSession:
 
     def info(self) -> dict[str, object]:
         """Capture settings for the harness results' `config` section."""
-        return {
+        info: dict[str, object] = {
             "activations": self.spec.path,
             "capture_layers": [int(i) for i in self.layer_ids],
             "capture_tokens": self.spec.tokens,
             "capture_dtype": self.spec.dtype,
         }
+        if self.store.shard is not None:
+            info["activations_shard"] = self.store.shard
+        return info
 
-    def plan(self, requests: Sequence[SampleRequest]) -> tuple[list[str], list[str | None]]:
-        """Keys for `requests` (in order) and the stored response of each one already captured."""
-        seen: Counter[str] = Counter()
-        keys, stored = [], []
-        for request in requests:
-            key = record_key(request.prompt, seen[request.prompt])
-            seen[request.prompt] += 1
-            keys.append(key)
-            stored.append(self._stored_response(key, request))
-        return keys, stored
+    def plan(
+        self, requests: Sequence[SampleRequest], keys: Sequence[str] | None = None
+    ) -> tuple[list[str], list[str | None]]:
+        """Keys for `requests` (in order; numbered here unless given) and the stored response of
+        each one already captured, in any environment of the store."""
+        keys = list(keys) if keys is not None else occurrence_keys(r.prompt for r in requests)
+        return keys, [self._stored_response(k, r) for k, r in zip(keys, requests, strict=True)]
 
     def free_key(self, prompt: str) -> str:
         """The first key of `prompt` not yet in the store (a server records every request; a
@@ -225,6 +244,17 @@ class CaptureSession:
         self._queue.join()
         self._raise_failure()
         self.store.sync()
+
+    def finish(self) -> None:
+        """Flush, then mark the shard complete: its writer got to the end of its requests."""
+        self.flush()
+        self.store.mark_complete(
+            {
+                "finished": utc_timestamp(),
+                "written_by_last_run": self.written,
+                "writer": f"pid {os.getpid()} on {socket.gethostname()}",
+            }
+        )
 
     def close(self) -> None:
         try:

@@ -1,5 +1,9 @@
 """What to capture: the `activations=`, `capture_*` and `map_size_gb` model_args, checked early.
 
+`capture_shard=I/N` (or `HALLULENS_CAPTURE_SHARD`) makes a run one of N independent jobs (a SLURM
+array, say): it captures only the requests whose key falls to share I (a hash of the key, so
+every job agrees without talking to the others) into the store's shard `jobI`.
+
 Everything here is validated before any model weights load, so a typo costs a second, not a
 model load. Layer ids follow one numbering on every engine: 0 = embedding output (the input of
 the first decoder layer), i = 1..L = the residual stream after decoder layer i, before the final
@@ -17,6 +21,7 @@ from hallulens_capture.errors import CaptureConfigError
 from hallulens_capture.options import checked_number
 
 ENV_STORE_PATH = "ACTIVATION_LMDB_PATH"
+ENV_SHARD = "HALLULENS_CAPTURE_SHARD"
 TOKEN_SCOPES = ("generated", "prompt", "all", "response")
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAP_SIZE_GB = 16.0
@@ -95,6 +100,19 @@ def resolve_layers(
     return tuple(sorted(ids))
 
 
+def _job_shard(value: object) -> tuple[int, int] | None:
+    """`capture_shard=I/N` -> (I, N), 0 <= I < N."""
+    if value is None or value == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if match is None or not int(match.group(1)) < int(match.group(2)):
+        raise CaptureConfigError(
+            f"capture_shard={value!r}: expected I/N with 0 <= I < N (this job's share of N, "
+            "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT for an array 0..N-1)"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
 @dataclass(frozen=True)
 class CaptureSpec:
     """Validated capture options; `layer_ids(L)` resolves layers once the model depth is known."""
@@ -104,6 +122,7 @@ class CaptureSpec:
     tokens: str
     dtype: str
     map_size_gb: float
+    shard: tuple[int, int] | None = None  # (I, N) of a job array; None: one job does it all
 
     @classmethod
     def from_model_args(
@@ -113,6 +132,7 @@ class CaptureSpec:
         capture_tokens: object = None,
         capture_dtype: object = None,
         map_size_gb: object = None,
+        capture_shard: object = None,
         environ: Mapping[str, str] = os.environ,
     ) -> CaptureSpec | None:
         """Build the spec from model_args; None when capture is off (no path given anywhere)."""
@@ -123,6 +143,7 @@ class CaptureSpec:
                 "capture_tokens": capture_tokens,
                 "capture_dtype": capture_dtype,
                 "map_size_gb": map_size_gb,
+                "capture_shard": capture_shard,
             }
             named = [k for k, v in given.items() if v is not None]
             if named:
@@ -156,6 +177,7 @@ class CaptureSpec:
             tokens=tokens,
             dtype=dtype,
             map_size_gb=size,
+            shard=_job_shard(environ.get(ENV_SHARD) if capture_shard is None else capture_shard),
         )
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:

@@ -1,11 +1,17 @@
-"""The LMDB activation store: one record per generation, many readers, one writer at a time.
+"""The LMDB activation store: one record per generation, many readers, one writer per environment.
 
-An LMDB environment directory (`data.mdb`, `lock.mdb`) with named sub-databases:
-`records` (key -> record bytes, see record.py), `info` (`format` marker) and, once a run is
-judged, `labels` (record key -> JSON verdict; records themselves are never rewritten).
-Writes are one transaction per record, so a killed writer leaves every committed record whole.
-The map grows on `MapFullError` and the write is retried; readers in other processes pick the
-new size up.
+A store is a directory holding up to two kinds of LMDB environment (`data.mdb`, `lock.mdb`):
+the root environment in the directory itself (what a single process writes) and shards,
+`shards/NAME/`, one per writing process of a run spread over processes, nodes or jobs (`rank3`,
+`job2`, `job2-rank1`). A shard is only ever written by the one process that holds its
+`writer.lock`; `complete.json` in it says its writer finished. Readers see every environment of
+the store as one mapping; a key in two of them is a conflict, reported, never shadowed.
+
+Each environment has named sub-databases: `records` (key -> record bytes, see record.py), `info`
+(`format` marker) and, once a run is judged, `labels` (record key -> JSON verdict; records
+themselves are never rewritten). Writes are one transaction per record, so a killed writer leaves
+every committed record whole. The map grows on `MapFullError` and the write is retried; readers
+in other processes pick the new size up.
 `sync=False`: a committed record survives the writer process being killed (the kernel has it);
 only a machine crash before the next `sync()` (after each harness request batch, and on close)
 may lose the last ones.
@@ -14,19 +20,35 @@ may lose the last ones.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import heapq
+import itertools
 import json
 import logging
+import mmap
 import os
+import re
 import shutil
+import socket
+import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
-from hallulens_capture.errors import StoreError
-from hallulens_capture.lmdbfile import check_data_file, read_meta
-from hallulens_capture.record import Record
+from hallulens_capture.errors import RecordConflictError, StoreError
+from hallulens_capture.keys import shown_key
+from hallulens_capture.lmdbfile import LayoutError, check_data_file, read_meta, value_spans
+from hallulens_capture.record import (
+    STORAGE_DTYPES,
+    Layout,
+    Record,
+    activation_layout,
+    bf16_to_f32,
+    layer_rows,
+)
 from hallulens_capture.spec import DEFAULT_MAP_SIZE_GB
 
 log = logging.getLogger(__name__)
@@ -131,38 +153,102 @@ def _release_env(path: str) -> None:
             entry[0].close()
 
 
-class ActivationStore(Mapping[str, Record]):
-    """Mapping of key -> Record over a read snapshot; `put()` when opened writable.
+SHARDS = "shards"  # the sub-directory holding a store's shards
+COMPLETE = "complete.json"  # in a shard: its writer finished (what it wrote, when)
+WRITER_LOCK = "writer.lock"  # in a shard: held (flock) by the one process writing it
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-    A writable store is created when missing unless `create=False` (labelling writes into an
-    existing store only); a read-only one never is.
 
-    Reads see the store as it was when the snapshot began (first read after open, `refresh()`
-    or a `put()`); arrays from records are views into the memory map, valid until the next
-    `refresh()`, `put()` or `close()` of this object.
-    """
+def shard_dir(path: str, name: str) -> str:
+    return os.path.join(path, SHARDS, name)
+
+
+def _natural(name: str) -> list:
+    """Sort key putting rank2 before rank10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def shard_names(path: str) -> list[str]:
+    """Names of the store's shards (those holding a data file), in natural order."""
+    try:
+        entries = os.listdir(os.path.join(path, SHARDS))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    names = [n for n in entries if os.path.isfile(os.path.join(path, SHARDS, n, "data.mdb"))]
+    return sorted(names, key=_natural)
+
+
+def _root_exists(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "data.mdb"))
+
+
+def _read_text(path: str) -> str:
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(200).strip()
+    return ""
+
+
+def _lock_shard(directory: str, name: str, store: str) -> int:
+    """Hold the shard's writer lock for this process (released when the fd closes)."""
+    fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        holder = _read_text(os.path.join(directory, WRITER_LOCK)) or "another process"
+        raise StoreError(
+            f"{store}: shard {name} is being written by {holder}; every writing process needs "
+            "a shard of its own (two jobs with the same capture_shard?)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
+
+
+def _lock_held(directory: str) -> bool | None:
+    """Whether a process holds the shard's writer lock now (None: cannot tell)."""
+    try:
+        fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+    return False
+
+
+class _Environment:
+    """One LMDB environment of a store (the root one or a shard) and its read snapshot."""
 
     def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        writable: bool = False,
-        map_size_gb: float = DEFAULT_MAP_SIZE_GB,
-        create: bool = True,
-    ):
-        self.path = os.fspath(path)
+        self, store: str, name: str, writable: bool, map_size_gb: float, create: bool
+    ) -> None:
+        self.name = name  # "" for the root environment
+        self.path = shard_dir(store, name) if name else store
         self.writable = writable
-        self._env = _acquire_env(self.path, writable, map_size_gb, create)
-        self._max_key = self._env.max_key_size()
-        self._txn: lmdb.Transaction | None = None
+        self.env = _acquire_env(self.path, writable, map_size_gb, create)
+        self.max_key = self.env.max_key_size()
+        self.txn: lmdb.Transaction | None = None
+        self.located: tuple[memoryview, dict[bytes, tuple[int, int]]] | bool | None = None
         try:
-            self._records, self._info = self._open_dbs(create)
+            self.records, self.info = self._open_dbs(create)
         except BaseException:
             _release_env(self.path)
             raise
 
+    @property
+    def label(self) -> str:
+        return f"shard {self.name}" if self.name else "the root environment"
+
     def _open_dbs(self, create: bool):
-        env = self._env
+        env = self.env
         try:
             if self.writable:
                 with env.begin(write=True) as txn:
@@ -190,93 +276,95 @@ class ActivationStore(Mapping[str, Record]):
         return records, info
 
     # --- reading -------------------------------------------------------------------------
-    def _snapshot(self) -> lmdb.Transaction:
-        if self._txn is None:
+    def snapshot(self) -> lmdb.Transaction:
+        if self.txn is None:
             try:
-                self._txn = self._env.begin(buffers=True)
+                self.txn = self.env.begin(buffers=True)
             except lmdb.MapResizedError:  # another process grew the map
-                self._env.set_mapsize(0)
-                self._txn = self._env.begin(buffers=True)
-        return self._txn
+                self.env.set_mapsize(0)
+                self.txn = self.env.begin(buffers=True)
+        return self.txn
 
     def refresh(self) -> None:
-        """Drop the read snapshot; the next read sees every record committed since."""
-        if self._txn is not None:
-            self._txn.abort()
-            self._txn = None
+        self.located = None  # its map goes when the last array from it does
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
 
-    def _value(self, key: str) -> memoryview | None:
-        """The stored bytes under `key`; None for a key LMDB cannot hold (empty, too long)."""
-        raw = key.encode("utf-8", "surrogateescape")
-        if not 0 < len(raw) <= self._max_key:
-            return None
-        return self._snapshot().get(raw, db=self._records)
+    def _locate(self) -> tuple[memoryview, dict[bytes, tuple[int, int]]] | None:
+        """Where each record of the snapshot lies in data.mdb, and the file mapped read-only:
+        py-lmdb's own reads touch every page of a value, so a slice of a large record would
+        read all of it. Found once per snapshot; None (read through LMDB) when the walk does
+        not apply (a writer's own environment changes under it)."""
+        if self.located is None:
+            txn = self.snapshot()
+            self.located = False
+            if not self.writable:
+                try:
+                    with open(os.path.join(self.path, "data.mdb"), "rb") as f:
+                        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                    self.located = (data, value_spans(data, txn.id(), _RECORDS))
+                except (LayoutError, OSError, ValueError, struct.error) as exc:
+                    log.debug("%s: reading through LMDB (%s)", self.path, exc)
+        return self.located or None
 
-    def __getitem__(self, key: str) -> Record:
-        value = self._value(key)
-        if value is None:
-            raise KeyError(key)
-        return Record(key, value)
+    def get(self, raw: bytes) -> memoryview | None:
+        located = self._locate()
+        if located is None:
+            return self.snapshot().get(raw, db=self.records)
+        span = located[1].get(raw)
+        return None if span is None else self.view(span)
 
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._value(key) is not None
+    def span(self, raw: bytes) -> tuple[int, int] | None:
+        """Where record `raw` lies in the located data file; None when not located."""
+        located = self._locate()
+        return None if located is None else located[1].get(raw)
 
-    def __len__(self) -> int:
-        return self._snapshot().stat(self._records)["entries"]
+    def view(self, span: tuple[int, int]) -> memoryview:
+        """The bytes at `span` of the located data file."""
+        return self.located[0][span[0] : span[0] + span[1]]  # type: ignore[index]
 
-    def __iter__(self) -> Iterator[str]:
-        """Keys as str; bytes that are not UTF-8 are kept as surrogates (as os.fsdecode does),
-        so every key can be looked up, and `store[key]` reports such a key as a bad record."""
-        with self._snapshot().cursor(db=self._records) as cursor:
+    def entries(self) -> int:
+        return self.snapshot().stat(self.records)["entries"]
+
+    def record_keys(self) -> Iterator[bytes]:
+        with self.snapshot().cursor(db=self.records) as cursor:
             for key in cursor.iternext(keys=True, values=False):
-                yield bytes(key).decode("utf-8", "surrogateescape")
+                yield bytes(key)
 
     def labels(self) -> dict[str, dict]:
-        """Record key -> label entry (JSON) written by `put_labels`; empty before judging."""
         try:
-            db = self._env.open_db(_LABELS, create=False)
+            db = self.env.open_db(_LABELS, create=False)
         except lmdb.NotFoundError:
             return {}
-        with self._env.begin(db=db) as txn:
+        with self.env.begin(db=db) as txn:
             return {
                 bytes(k).decode("utf-8"): json.loads(bytes(v))
                 for k, v in txn.cursor().iternext(keys=True, values=True)
             }
 
     def usage(self) -> dict[str, int]:
-        """Bytes in use (pages up to the last one written) and the data file's size on disk.
-
-        The map size is not reported: a reader's map is its own, not the writer's.
-        """
-        info = self._env.info()
-        used = self._env.stat()["psize"] * (info["last_pgno"] + 1)
+        info = self.env.info()
+        used = self.env.stat()["psize"] * (info["last_pgno"] + 1)
         on_disk = os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
         return {"used_bytes": used, "file_bytes_on_disk": on_disk}
 
     def map_size(self) -> int:
-        """Current map size of this process's environment (the writer grows it when full)."""
-        return self._env.info()["map_size"]
+        return self.env.info()["map_size"]
 
     # --- writing -------------------------------------------------------------------------
-    def put(self, key: str, value: bytes | bytearray | memoryview) -> None:
-        """Write one new record in its own transaction, growing the map as often as needed.
-
-        An existing key is never overwritten: that would mean two writers produced the same
-        sample, and one of them would be lost silently.
-        """
-        if not self.writable:
-            raise StoreError(f"{self.path}: opened read-only")
+    def put(self, key: str, value: bytes | bytearray | memoryview) -> bool:
+        """Write one record in its own transaction; False when the key exists already."""
         self.refresh()  # growing the map needs no open transaction in this process
         encoded = key.encode("utf-8")
         while True:
             try:
-                with self._env.begin(write=True) as txn:
-                    added = txn.put(encoded, value, db=self._records, overwrite=False)
-                break
+                with self.env.begin(write=True) as txn:
+                    return txn.put(encoded, value, db=self.records, overwrite=False)
             except lmdb.MapFullError:
-                self._grow(len(value))
+                self.grow(len(value))
             except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
+                self.env.set_mapsize(0)
             except lmdb.Error as exc:
                 free = shutil.disk_usage(self.path).free
                 raise StoreError(
@@ -284,41 +372,28 @@ class ActivationStore(Mapping[str, Record]):
                     f"{exc} ({free / 1e6:.0f} MB free on its disk); "
                     "records written before are intact"
                 ) from None
-        if not added:
-            raise StoreError(f"{self.path}: record {key} exists already; it is kept as it was")
 
-    def put_labels(self, labels: Mapping[str, Mapping]) -> None:
-        """Write (or replace) the labels of records in one transaction: all or none."""
-        if not self.writable:
-            raise StoreError(f"{self.path}: opened read-only")
-        missing = [key for key in labels if key not in self]
-        if missing:
-            raise StoreError(f"{self.path}: no record {missing[0]} to label")
+    def put_labels(self, encoded: list[tuple[bytes, bytes]]) -> None:
         self.refresh()
-        encoded = [
-            (key.encode("utf-8"), json.dumps(value, sort_keys=True).encode("utf-8"))
-            for key, value in labels.items()
-        ]
         while True:
             try:
-                with self._env.begin(write=True) as txn:
-                    db = self._env.open_db(_LABELS, txn=txn, create=True)
+                with self.env.begin(write=True) as txn:
+                    db = self.env.open_db(_LABELS, txn=txn, create=True)
                     for key, value in encoded:
                         txn.put(key, value, db=db)
                 break
             except lmdb.MapFullError:
-                self._grow(sum(len(v) for _, v in encoded))
+                self.grow(sum(len(v) for _, v in encoded))
             except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
+                self.env.set_mapsize(0)
             except lmdb.Error as exc:
                 raise StoreError(f"{self.path}: could not write labels: {exc}") from None
         self.sync()
 
     def sync(self) -> None:
-        """Flush committed records to disk (writes use sync=False; see the module docstring)."""
-        self._env.sync(True)
+        self.env.sync(True)
 
-    def _grow(self, needed: int) -> None:
+    def grow(self, needed: int) -> None:
         current = self.map_size()
         new = max(current * 2, current + 2 * needed + (1 << 20))
         log.info(
@@ -328,19 +403,377 @@ class ActivationStore(Mapping[str, Record]):
             new >> 20,
         )
         try:
-            self._env.set_mapsize(new)
+            self.env.set_mapsize(new)
         except lmdb.Error as exc:
             raise StoreError(
                 f"{self.path}: cannot grow the map to {new >> 20} MiB: {exc}"
             ) from None
 
+    def close(self) -> None:
+        self.refresh()
+        _release_env(self.path)
+
+
+class ActivationStore(Mapping[str, Record]):
+    """Mapping of key -> Record over every environment of a store; `put()` when writable.
+
+    A writable store writes one environment: the root one, or with `shard=NAME` the shard
+    `shards/NAME` (created if missing; refused while another process writes it). It reads the
+    others, so a key captured by any writer is seen (and never written twice). A writable store
+    is created when missing unless `create=False` (labelling writes into an existing store only);
+    a read-only one never is.
+
+    Reads see the store as it was when the snapshot began (first read after open, `refresh()`
+    or a `put()`); arrays from records are views into the memory map, valid until the next
+    `refresh()`, `put()` or `close()` of this object. `refresh()` also finds new shards.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        writable: bool = False,
+        map_size_gb: float = DEFAULT_MAP_SIZE_GB,
+        create: bool = True,
+        shard: str | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.writable = writable
+        self.shard = shard
+        self._own: _Environment | None = None
+        self._others: list[_Environment] = []
+        self._lock: int | None = None
+        self._layouts: dict[str, tuple[memoryview, int, Layout]] = {}  # see _place
+        self._places: dict | bool | None = None  # see _where
+        if shard is not None and not _SHARD_NAME.match(shard):
+            raise StoreError(f"shard name {shard!r}: use letters, digits, '.', '_' and '-'")
+        if writable:
+            if not create and not (_root_exists(self.path) or shard_names(self.path)):
+                raise StoreError(f"no activation store at {self.path} (no data.mdb)")
+            # a store of shards alone gets a root environment when labels are written to it
+            make = create or (shard is None and not _root_exists(self.path))
+            self._own = _Environment(self.path, shard or "", True, map_size_gb, make)
+            if shard is not None:
+                try:
+                    self._lock = _lock_shard(self._own.path, shard, self.path)
+                except BaseException:
+                    self.close()
+                    raise
+        try:
+            self._open_others()
+        except BaseException:
+            self.close()
+            raise
+        if not self._parts:
+            raise StoreError(f"no activation store at {self.path} (no data.mdb)")
+
+    @property
+    def _parts(self) -> list[_Environment]:
+        return ([self._own] if self._own is not None else []) + self._others
+
+    def _open_others(self) -> None:
+        """Open (read-only) the environments not open yet, other than the one written."""
+        opened = {part.name for part in self._parts}
+        names = ([""] if _root_exists(self.path) else []) + shard_names(self.path)
+        for name in names:
+            if name not in opened:
+                self._others.append(_Environment(self.path, name, False, 0, False))
+
+    # --- reading -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Drop the read snapshots; the next read sees every record committed since, and every
+        shard created since."""
+        self._layouts.clear()
+        self._places = None
+        for part in self._parts:
+            part.refresh()
+        if not self.writable:
+            self._open_others()
+
+    def _where(self) -> dict[bytes, list[tuple[_Environment, tuple[int, int]]]] | None:
+        """key -> the environments holding it and where, for a read-only store of several
+        environments all located: one lookup per key instead of one per environment."""
+        if self._places is None:
+            self._places = False
+            parts = self._parts
+            located = [part._locate() for part in parts] if len(parts) > 1 else [None]
+            if not self.writable and None not in located:
+                places: dict[bytes, list[tuple[_Environment, tuple[int, int]]]] = {}
+                for part, (_, spans) in zip(parts, located, strict=True):  # type: ignore[misc]
+                    for key, span in spans.items():
+                        places.setdefault(key, []).append((part, span))
+                self._places = places
+        return self._places or None
+
+    def _hits(self, key: str, first: bool = False) -> list[tuple[_Environment, memoryview]]:
+        """The environments holding `key` and its bytes there (the first only, if `first`);
+        none for a key LMDB cannot hold (empty, too long)."""
+        raw = key.encode("utf-8", "surrogateescape")
+        where = self._where()
+        if where is not None:
+            places = where.get(raw, ())
+            return [(part, part.view(span)) for part, span in places[: 1 if first else None]]
+        hits = []
+        for part in self._parts:
+            if 0 < len(raw) <= part.max_key and (value := part.get(raw)) is not None:
+                hits.append((part, value))
+                if first:
+                    break
+        return hits
+
+    def _hit(self, key: str) -> tuple[_Environment, memoryview]:
+        """The environment holding record `key` and its bytes: KeyError when absent,
+        RecordConflictError when two environments hold it."""
+        hits = self._hits(key)
+        if not hits:
+            raise KeyError(key)
+        if len(hits) > 1:
+            raise RecordConflictError(shown_key(key), _conflict([part for part, _ in hits]))
+        return hits[0]
+
+    def __getitem__(self, key: str) -> Record:
+        return Record(key, self._hit(key)[1])
+
+    def read_many(
+        self,
+        keys: Sequence[str],
+        layers: int | Sequence[int] | None = None,
+        tokens: slice | Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Some layers x some tokens of many records as one array [records, layers, tokens,
+        hidden]: one read snapshot, each header read only where the writer put the tensor
+        entries (`activation_layout`) and kept for the snapshot, the offsets of every selected
+        piece computed for all records at once, and each piece copied once, into the result.
+
+        `layers` are layer ids (all when None), `tokens` index each record's token axis (a
+        slice or indices, negative ones from the end); every record must give the same shape
+        (StoreError names the first that does not). BF16 data comes back as float32.
+        """
+        if not keys:
+            return np.empty((0, 0, 0, 0), dtype=np.float16)
+        places = [self._place(key) for key in keys]
+        first = places[0][2]
+        rows_of: dict[bytes, list[int]] = {}  # layer_ids bytes -> rows (alike in a run)
+        for key, (_, _, layout) in zip(keys, places, strict=True):
+            if layout.label != first.label or layout.shape[2] != first.shape[2]:
+                raise self._unlike(key, f"{layout.label}, hidden {layout.shape[2]}", first)
+            if layout.layer_ids not in rows_of:
+                stored = np.frombuffer(layout.layer_ids, dtype="<i4").tolist()
+                rows_of[layout.layer_ids] = layer_rows(
+                    key, stored, stored if layers is None else layers
+                )
+        if len({len(rows) for rows in rows_of.values()}) > 1:
+            raise self._unlike(keys[-1], "another number of the selected layers", first)
+        hidden, size = first.shape[2], STORAGE_DTYPES[first.label]().itemsize
+        base = np.fromiter((start for _, start, _ in places), np.int64, len(places))
+        counts = np.fromiter((layout.shape[1] for *_, layout in places), np.int64, len(places))
+        if len(rows_of) == 1:  # the usual case: every record holds the same layers
+            rows = np.array(next(iter(rows_of.values())), dtype=np.int64)[None, :]
+        else:
+            rows = np.array([rows_of[layout.layer_ids] for *_, layout in places], dtype=np.int64)
+        picked = _token_starts(tokens, counts)
+        if isinstance(picked, int):
+            raise self._unlike(keys[picked], "another number of tokens in the selection", first)
+        starts, width = picked
+        row_bytes = counts[:, None] * hidden * size
+        offsets = base[:, None, None] + rows[:, :, None] * row_bytes[:, :, None]
+        offsets = offsets + (starts * hidden * size)[:, None, :]
+        span = width * hidden * size  # bytes per gathered piece
+        n_tokens = width if starts.shape[1] == 1 else starts.shape[1]
+        offsets = np.broadcast_to(offsets, (len(keys), rows.shape[1], starts.shape[1]))
+        out = np.empty((len(keys), rows.shape[1], n_tokens, hidden), STORAGE_DTYPES[first.label])
+        if not span:
+            return out
+        pieces = out.view(np.uint8).reshape(len(keys), -1, span)
+        offsets = offsets.reshape(len(keys), -1)
+        mapped: dict[int, np.ndarray] = {}  # buffer -> its bytes as an array (one per file)
+        data = []
+        for buffer, *_ in places:
+            array = mapped.get(id(buffer))
+            if array is None:
+                array = mapped[id(buffer)] = np.frombuffer(buffer, np.uint8)
+            data.append(array)
+        sizes = np.fromiter((d.size for d in data), np.int64, len(data))
+        if offsets.size and (offsets.min() < 0 or (offsets.max(axis=1) + span > sizes).any()):
+            raise StoreError(f"{self.path}: a record's layout points outside its data")
+        for record, bytes_of, starts_of_record in zip(pieces, data, offsets.tolist(), strict=True):
+            for piece, at in zip(record, starts_of_record, strict=True):  # one copy each
+                piece[...] = bytes_of[at : at + span]
+        return bf16_to_f32(out) if first.label == "BF16" else out
+
+    def _unlike(self, key: str, what: str, first: Layout) -> StoreError:
+        layers = np.frombuffer(first.layer_ids, "<i4").tolist()
+        return StoreError(
+            f"{self.path}: record {shown_key(key)}: {what}, unlike the first record "
+            f"({first.label}, layers {layers}, hidden {first.shape[2]}): select what every "
+            "record has, or read records one at a time"
+        )
+
+    def _place(self, key: str) -> tuple[memoryview, int, Layout]:
+        """Where a record's activations lie: the buffer holding them (its environment's mapped
+        data file, or for a writer the record's bytes), their offset in it, and their layout;
+        kept for the snapshot by a read-only store, so that another selection of the same
+        records parses nothing again."""
+        found = self._layouts.get(key)
+        if found is None:
+            part, value = self._hit(key)
+            layout = activation_layout(key, value)
+            span = part.span(key.encode("utf-8", "surrogateescape"))
+            if span is None:
+                found = (value, layout.start, layout)
+            else:
+                found = (part.located[0], span[0] + layout.start, layout)  # type: ignore[index]
+            if not self.writable:
+                self._layouts[key] = found
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(self._hits(key, first=True))
+
+    def _merged(self) -> Iterator[tuple[bytes, list[_Environment]]]:
+        """Every key once, in sorted order, with the environments holding it."""
+        parts = self._parts
+        if len(parts) == 1:
+            for key in parts[0].record_keys():
+                yield key, parts
+            return
+        streams = [_tagged(part.record_keys(), i) for i, part in enumerate(parts)]
+        for key, group in itertools.groupby(heapq.merge(*streams), key=lambda item: item[0]):
+            yield key, [parts[i] for _, i in group]
+
+    def __len__(self) -> int:
+        parts = self._parts
+        if len(parts) == 1:
+            return parts[0].entries()
+        return sum(1 for _ in self._merged())
+
+    def __iter__(self) -> Iterator[str]:
+        """Keys as str, each once; bytes that are not UTF-8 are kept as surrogates (as
+        os.fsdecode does), so every key can be looked up, and `store[key]` reports such a key
+        as a bad record."""
+        for key, _ in self._merged():
+            yield key.decode("utf-8", "surrogateescape")
+
+    def environments(self) -> list[str]:
+        """The LMDB environments this store reads: "the root environment", "shard NAME"."""
+        return [part.label for part in self._parts]
+
+    def conflicts(self) -> dict[str, list[str]]:
+        """Keys held by more than one environment -> where (`verify` reports each)."""
+        return {
+            shown_key(key.decode("utf-8", "surrogateescape")): [part.label for part in parts]
+            for key, parts in self._merged()
+            if len(parts) > 1
+        }
+
+    def shards(self) -> list[dict[str, object]]:
+        """Per shard: name, records, whether its writer finished (`complete`: what its
+        completion marker says, or None) and whether a process writes it now."""
+        out = []
+        for part in self._parts:
+            if part.name:
+                marker = os.path.join(part.path, COMPLETE)
+                complete = None
+                with contextlib.suppress(OSError, ValueError), open(marker) as f:
+                    complete = json.load(f)
+                out.append(
+                    {
+                        "name": part.name,
+                        "records": part.entries(),
+                        "complete": complete,
+                        "writing": part is self._own or _lock_held(part.path),
+                    }
+                )
+        return sorted(out, key=lambda shard: _natural(shard["name"]))
+
+    def labels(self) -> dict[str, dict]:
+        """Record key -> label entry (JSON) written by `put_labels`; empty before judging."""
+        labels: dict[str, dict] = {}
+        for part in self._parts:
+            labels.update(part.labels())
+        return labels
+
+    def usage(self) -> dict[str, int]:
+        """Bytes in use (pages up to the last one written) and the data files' size on disk,
+        over every environment.
+
+        The map size is not reported: a reader's map is its own, not the writer's.
+        """
+        total = {"used_bytes": 0, "file_bytes_on_disk": 0}
+        for part in self._parts:
+            for name, value in part.usage().items():
+                total[name] += value
+        return total
+
+    def map_size(self) -> int:
+        """Current map size of the environment this process writes (it grows when full)."""
+        return self._parts[0].map_size()
+
+    # --- writing -------------------------------------------------------------------------
+    def _writer(self) -> _Environment:
+        if self._own is None:
+            raise StoreError(f"{self.path}: opened read-only")
+        return self._own
+
+    def put(self, key: str, value: bytes | bytearray | memoryview) -> None:
+        """Write one new record in its own transaction, growing the map as often as needed.
+
+        An existing key is never overwritten, nor written again into another environment: that
+        would mean two writers produced the same sample, and one of them would be lost.
+        """
+        own = self._writer()
+        hits = self._hits(key, first=True) if self._others else []
+        where = f" in {hits[0][0].label}" if hits and hits[0][0] is not own else ""
+        if hits or not own.put(key, value):
+            raise StoreError(
+                f"{self.path}: record {key} exists already{where}; it is kept as it was"
+            )
+
+    def put_labels(self, labels: Mapping[str, Mapping]) -> None:
+        """Write (or replace) the labels of records in one transaction: all or none."""
+        own = self._writer()
+        missing = [key for key in labels if key not in self]
+        if missing:
+            raise StoreError(f"{self.path}: no record {missing[0]} to label")
+        own.put_labels(
+            [
+                (key.encode("utf-8"), json.dumps(value, sort_keys=True).encode("utf-8"))
+                for key, value in labels.items()
+            ]
+        )
+
+    def mark_complete(self, facts: Mapping[str, object]) -> None:
+        """Write the shard's completion marker (after a sync: what it says is on disk)."""
+        own = self._writer()
+        if not own.name:
+            return
+        own.sync()
+        marker = os.path.join(own.path, COMPLETE)
+        with open(marker + ".tmp", "w") as f:
+            json.dump({"records": own.entries(), **facts}, f)
+        os.replace(marker + ".tmp", marker)
+
+    def mark_incomplete(self) -> None:
+        """Remove the shard's completion marker: its writer is at work again."""
+        own = self._writer()
+        if own.name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(own.path, COMPLETE))
+
+    def sync(self) -> None:
+        """Flush committed records to disk (writes use sync=False; see the module docstring)."""
+        self._writer().sync()
+
     # --- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        if self._env is None:
-            return
-        self.refresh()
-        self._env = None  # type: ignore[assignment]
-        _release_env(self.path)
+        self._layouts.clear()
+        self._places = None
+        parts, self._own, self._others = self._parts, None, []
+        for part in parts:
+            part.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> ActivationStore:
         return self
@@ -353,6 +786,49 @@ class ActivationStore(Mapping[str, Record]):
             self.close()
 
 
+def _token_starts(
+    tokens: slice | Sequence[int] | None, counts: np.ndarray
+) -> tuple[np.ndarray, int] | int:
+    """First token of each piece to copy per record ([records, pieces]) and the tokens in a
+    piece: one piece of `width` tokens for a slice of step 1, one token per index otherwise.
+    An int instead: the first record whose selection has another number of tokens."""
+    if tokens is None:
+        tokens = slice(None)
+    if isinstance(tokens, slice) and tokens.step in (None, 1):
+        first = _clip(tokens.start, counts, 0)
+        widths = np.maximum(_clip(tokens.stop, counts, counts) - first, 0)
+        odd = np.flatnonzero(widths != widths[0])
+        return int(odd[0]) if len(odd) else (first[:, None], int(widths[0]))
+    if isinstance(tokens, slice):
+        picked = [np.arange(*tokens.indices(int(n))) for n in counts]
+        odd = [i for i, p in enumerate(picked) if len(p) != len(picked[0])]
+        return odd[0] if odd else (np.array(picked, dtype=np.int64).reshape(len(counts), -1), 1)
+    wanted = np.asarray(tokens, dtype=np.int64)[None, :]
+    picked = np.where(wanted < 0, wanted + counts[:, None], wanted)
+    bad = np.flatnonzero(((picked < 0) | (picked >= counts[:, None])).any(axis=1))
+    return int(bad[0]) if len(bad) else (picked, 1)
+
+
+def _clip(bound: int | None, counts: np.ndarray, default) -> np.ndarray:
+    """A slice bound on each record's token axis, as `slice.indices` gives it (step 1)."""
+    if bound is None:
+        return np.broadcast_to(np.asarray(default, dtype=np.int64), counts.shape)
+    return np.where(bound < 0, np.maximum(bound + counts, 0), np.minimum(bound, counts))
+
+
+def _tagged(keys: Iterator[bytes], index: int) -> Iterator[tuple[bytes, int]]:
+    for key in keys:
+        yield key, index
+
+
+def _conflict(parts: list[_Environment]) -> str:
+    return (
+        f"written twice, into {' and '.join(part.label for part in parts)} (two writers made the "
+        "same record; neither is read: keep the shard that should hold it)"
+    )
+
+
 def open_store(path: str | os.PathLike) -> ActivationStore:
-    """Open an activation store for reading (several processes may read while one writes)."""
+    """Open an activation store for reading (several processes may read while one writes),
+    with all its shards as one mapping."""
     return ActivationStore(path)

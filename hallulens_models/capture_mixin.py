@@ -5,21 +5,41 @@ sorting, stop strings, post-processing. This mixin wraps it: it skips requests w
 already stored (resume), and routes each output to its record through the harness's cache hook,
 which every backend calls exactly once per output, in output order, with `(context, gen_kwargs)`.
 The engine glue queues one `CapturedSample` per output in the same order via `_captured()`.
+
+Several processes of one run (accelerate) each write their own shard; keys are numbered over
+every process's requests, as one process would number them. A job of a job array
+(`capture_shard=I/N`) captures its share of the keys and, while other shares are missing,
+stops once its own is stored.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
+from collections.abc import Sequence
 
 from hallulens_capture.errors import CaptureConfigError, CaptureError
-from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest, canonical_json
+from hallulens_capture.keys import digest_key, prompt_hash, share_of
+from hallulens_capture.session import (
+    CapturedSample,
+    CaptureSession,
+    SampleRequest,
+    canonical_json,
+    shard_name,
+)
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.harness_cli import join_harness_cli
 
 # model_args every hallulens-* backend takes, in CaptureSpec.from_model_args order
-CAPTURE_ARGS = ("activations", "capture_layers", "capture_tokens", "capture_dtype", "map_size_gb")
+CAPTURE_ARGS = (
+    "activations",
+    "capture_layers",
+    "capture_tokens",
+    "capture_dtype",
+    "map_size_gb",
+    "capture_shard",
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +123,15 @@ class CaptureMixin:
         _refuse_misspelled(kwargs)
         return CaptureSpec.from_model_args(*(kwargs.pop(name, None) for name in CAPTURE_ARGS))
 
-    def _start_capture(self, session: CaptureSession) -> None:
+    def _start_capture(
+        self, spec: CaptureSpec, layer_ids: Sequence[int], model: str, backend: str
+    ) -> None:
+        """Open the record writer, in this process's own shard when the run has several."""
+        rank, world_size = getattr(self, "rank", 0), getattr(self, "world_size", 1)
+        shard = shard_name(spec.shard, rank, world_size)
+        session = CaptureSession(spec, layer_ids, model, backend, shard=shard)
         self._capture = session
-        log.info("capturing activations into %s: %s", session.spec.path, session.info())
+        log.info("capturing activations into %s: %s", spec.path, session.info())
 
     @property
     def capturing(self) -> bool:
@@ -134,28 +160,30 @@ class CaptureMixin:
                 "--use_cache is on: requests answered from the harness cache never reach the model "
                 "and get no activation record; the store itself already resumes runs"
             )
+        several = getattr(self, "world_size", 1) > 1
+        real, copies = _without_padding(requests) if several else (list(range(len(requests))), {})
+        instances = [requests[i] for i in real]
         samples = [
-            SampleRequest(r.args[0], dict(r.args[1]), r.task_name, r.doc_id) for r in requests
+            SampleRequest(r.args[0], dict(r.args[1]), r.task_name, r.doc_id) for r in instances
         ]
-        keys, results = session.plan(samples)
-        todo = [i for i, text in enumerate(results) if text is None]
-        if len(todo) < len(requests):
+        keys, results = session.plan(samples, _keys_over_ranks(instances) if several else None)
+        missing = [i for i, text in enumerate(results) if text is None]
+        job = session.spec.shard
+        todo = [i for i in missing if job is None or share_of(keys[i], job[1]) == job[0]]
+        if len(missing) < len(samples):
             log.warning(
                 "resuming: %d of %d generations already in %s are not run again",
-                len(requests) - len(todo),
-                len(requests),
+                len(samples) - len(missing),
+                len(samples),
                 session.spec.path,
             )
         if todo:
             router = _OutputRouter(
-                session,
-                self.cache_hook,
-                [samples[i] for i in todo],
-                [keys[i] for i in todo],  # type: ignore[attr-defined]
-            )
+                session, self.cache_hook, [samples[i] for i in todo], [keys[i] for i in todo]
+            )  # type: ignore[attr-defined]
             hook, self.cache_hook, self._router = self.cache_hook, router, router  # type: ignore[attr-defined]
             try:
-                texts = super().generate_until([requests[i] for i in todo], disable_tqdm)  # type: ignore[misc]
+                texts = super().generate_until([instances[i] for i in todo], disable_tqdm)  # type: ignore[misc]
             finally:
                 self.cache_hook, self._router = hook, None  # type: ignore[attr-defined]
                 session.flush()  # what was captured is kept, also when generation failed
@@ -163,5 +191,75 @@ class CaptureMixin:
                 raise CaptureError(f"{len(router.pending)} captured samples had no harness output")
             for i, text in zip(todo, texts, strict=True):
                 results[i] = text
+        session.finish()
         log.info("activation store %s: %d records written", session.spec.path, session.written)
-        return results  # type: ignore[return-value]
+        if len(todo) < len(missing):
+            _stop_job(session, len(todo), len(missing) - len(todo))
+        answers = dict(zip(real, results, strict=True))
+        return [answers[copies.get(i, i)] for i in range(len(requests))]  # type: ignore[misc]
+
+
+def _without_padding(requests) -> tuple[list[int], dict[int, int]]:
+    """The requests to answer, and the copies the harness adds to even out the ranks' request
+    counts (the last Instance again, beyond its `repeats`) -> the request whose answer each
+    gets: a copy is neither generated nor captured (it would be a second record of one sample)."""
+    seen: dict[int, list[int]] = {}
+    real, copies = [], {}
+    for i, request in enumerate(requests):
+        earlier = seen.setdefault(id(request), [])
+        if len(earlier) < getattr(request, "repeats", 1):
+            earlier.append(i)
+            real.append(i)
+        else:
+            copies[i] = earlier[(i - earlier[0]) % len(earlier)]
+    return real, copies
+
+
+def _keys_over_ranks(instances) -> list[str]:
+    """Record keys of this rank's requests, numbered over every rank's requests in the order one
+    process would get them (task, doc, sample), so a prompt in docs of two ranks gets the keys
+    it would get in one process. A collective call: every rank gets here once per request type
+    (the harness's own barrier after each type needs the same)."""
+    import torch.distributed as dist
+
+    per_doc: Counter = Counter()
+    mine = []
+    for r in instances:
+        n = per_doc[(r.task_name, r.doc_id)]
+        per_doc[(r.task_name, r.doc_id)] += 1
+        mine.append((str(r.task_name), -1 if r.doc_id is None else int(r.doc_id), n))
+    hashes = [prompt_hash(r.args[0]) for r in instances]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (mine, hashes))
+    tasks: dict[str, int] = {}  # task order as the harness runs tasks (rank 0 has every task)
+    for rank_mine, _ in everyone:
+        for task, _, _ in rank_mine:
+            tasks.setdefault(task, len(tasks))
+    union = sorted(
+        ((tasks[t], d, n), h)
+        for rank_mine, rank_hashes in everyone
+        for (t, d, n), h in zip(rank_mine, rank_hashes, strict=True)
+    )
+    seen: Counter[str] = Counter()
+    key_of = {}
+    for place, digest in union:
+        key_of[place] = digest_key(digest, seen[digest])
+        seen[digest] += 1
+    return [key_of[(tasks[t], d, n)] for t, d, n in mine]
+
+
+def _stop_job(session: CaptureSession, written: int, others: int) -> None:
+    """End a job-array job whose share is stored while other shares are still missing: the
+    harness's results would count those as unanswered. Exit status 0: the job did its part."""
+    index, count = session.spec.shard  # type: ignore[misc]
+    log.warning(
+        "capture_shard=%d/%d: this job's %d generations are in %s; %d belong to the other jobs "
+        "and are not in the store yet. Once every job has finished, run the same command "
+        "without capture_shard: it generates nothing stored and writes the harness's results.",
+        index,
+        count,
+        written,
+        session.spec.path,
+        others,
+    )
+    raise SystemExit(0)

@@ -11,7 +11,7 @@ from lm_eval.api.registry import register_model
 from hallulens_capture.errors import ModelFilesError
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import storage_from_float32
-from hallulens_capture.session import CapturedSample, CaptureSession
+from hallulens_capture.session import CapturedSample
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_gguf
 from hallulens_models.llama_cpp_lm import LlamaCppLM
@@ -47,7 +47,7 @@ class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
         layer_ids = spec.layer_ids(n_layer)  # bad options fail before weights load
         observer = TapObserver(layer_ids, n_layer, n_embd, spec.tokens, self._tapped)
         super().__init__(pretrained=pretrained, observer=observer, **kwargs)
-        self._start_capture(CaptureSession(spec, layer_ids, pretrained, backend="gguf"))
+        self._start_capture(spec, layer_ids, pretrained, backend="gguf")
 
     def _tapped(self, context: str, prompt: list[int], generated: list[int], rows) -> None:
         """One finished generation's rows ([layers, tokens, hidden] float32) to the writer."""

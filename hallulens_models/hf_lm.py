@@ -5,6 +5,9 @@ Everything HFLM does is untouched (loglikelihood, batching, chat templates); wit
 overrides: `tok_batch_encode` remembers the batch's prompts, `_model_generate` records the
 forward steps of `model.generate` through `LayerTap` and turns each batch row into a
 `CapturedSample` (left padding dropped, positions counted per row).
+
+One change to HFLM itself: under `accelerate launch`, ranks are numbered over all processes of
+all nodes, also on CPUs (see `_rank_per_process`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from lm_eval.models.huggingface import HFLM
 
 from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.positions import response_length, token_positions
-from hallulens_capture.session import CapturedSample, CaptureSession
+from hallulens_capture.session import CapturedSample
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
 from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
@@ -39,13 +42,24 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         )
         self._batch_prompts: list[str] | None = None
         super().__init__(pretrained=pretrained, **kwargs)
+        self._rank_per_process()
         if spec is None:
             return
         if self.backend != "causal":
             raise CaptureConfigError("activation capture needs a decoder-only (causal) model")
         self._tap = LayerTap(self.model, layer_ids, TORCH_DTYPES[spec.dtype])
         self._eos_ids = self._end_token_ids()
-        self._start_capture(CaptureSession(spec, layer_ids, model_name, backend="hf"))
+        self._start_capture(spec, layer_ids, model_name, backend="hf")
+
+    def _rank_per_process(self) -> None:
+        """Under `accelerate launch`, each process is one rank of the harness's data parallelism,
+        numbered over all nodes. HFLM makes ranks only on two or more GPUs and numbers them per
+        node (`local_process_index`): on CPUs every process then ran every document, and on
+        several nodes the ranks of each node repeated the documents of the first."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
 
     def _end_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

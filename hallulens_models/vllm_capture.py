@@ -31,11 +31,11 @@ WORKER = "hallulens_models.vllm_worker.CaptureWorker"
 COLLECT = "hallulens_collect"  # the worker method collective_rpc calls
 
 _REFUSED = {
-    "data_parallel_size": (
+    "pipeline_parallel_size": (
         lambda v: int(v) > 1,
-        "run one process per data-parallel rank, each with its own activations= store",
+        "use tensor_parallel_size within a node and data_parallel_size for more replicas (see "
+        "the README: vLLM 0.32 passes captured layers between stages, but that path is untested)",
     ),
-    "pipeline_parallel_size": (lambda v: int(v) > 1, "use tensor_parallel_size instead"),
     "speculative_config": (bool, "verified draft tokens do not map to rows one to one"),
     "enable_prefix_caching": (
         bool,
@@ -138,7 +138,8 @@ def samples(
     spec: CaptureSpec,
     shape: tuple[int, int],
 ) -> list[CapturedSample]:
-    """Read the worker's hand-over files (every rank's `collect` result) into samples."""
+    """Turn the rows the engines handed over (every rank's `collect` result: a hand-over file
+    each, or from a data-parallel replica the rows themselves) into samples."""
     found = {item["tag"]: item for rank in results for item in rank}
     dtype = STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[spec.dtype]]
     layers, hidden = shape
@@ -152,8 +153,11 @@ def samples(
                     f"vLLM ran no forward pass for positions {span} of a request; "
                     "its activations are incomplete"
                 )
-            rows = np.fromfile(item["path"], dtype=dtype).reshape(item["shape"])
-            os.unlink(item["path"])
+            if "rows" in item:  # a replica sent every fed position: the answer's come first
+                rows = item["rows"][:, : len(p.positions)]
+            else:
+                rows = np.fromfile(item["path"], dtype=dtype).reshape(item["shape"])
+                os.unlink(item["path"])
         else:
             rows = np.empty((layers, 0, hidden), dtype=dtype)
         out.append(

@@ -3,7 +3,8 @@
 On vLLM's CPU platform `gpu_memory_utilization` is the share of the machine's RAM the engine
 reserves, and it must fit in the memory free at start: the harness's default 0.9 fails on any
 machine already using a tenth of its RAM. When the user sets neither it nor a KV cache size, a
-CPU engine gets 40 % of the memory available at start instead. GPU engines are left alone.
+CPU engine gets 40 % of the memory available at start instead, split between the harness's
+data-parallel replicas (they share the machine). GPU engines are left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def cpu_memory_default(engine_args: Mapping[str, object]) -> dict[str, float]:
     import psutil
 
     memory = psutil.virtual_memory()
-    share = round(max(0.05, min(0.9, CPU_SHARE_OF_AVAILABLE * memory.available / memory.total)), 2)
+    replicas = max(1, int(engine_args.get("data_parallel_size") or 1))  # type: ignore[call-overload]
+    available = CPU_SHARE_OF_AVAILABLE * memory.available / memory.total / replicas
+    share = round(max(0.05, min(0.9, available)), 2)
     log.info(
         "vLLM on CPU: gpu_memory_utilization (the share of RAM it reserves) set to %.2f, %d%% of "
         "the memory available now; pass gpu_memory_utilization= to choose",

@@ -8,8 +8,10 @@ request; `_model_generate` tags the generate requests, and after vLLM returns co
 request's rows and hands them to the shared record writer.
 
 Capture runs with prefix caching off: a cached prefix is never recomputed, so its rows would be
-missing. Data parallel is refused (the harness runs DP replicas as separate Ray jobs whose
-engines this process cannot reach); so are pipeline parallel and speculative decoding.
+missing; speculative decoding is refused. With `data_parallel_size` > 1 the harness runs its
+replicas as Ray tasks (on any node of the Ray cluster); each replica captures and sends its rows
+back with its outputs (`vllm_replica`), and this process writes the records. Pipeline parallel
+is refused (README: Many processes and GPUs).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import weakref
 from lm_eval.api.registry import register_model
 from lm_eval.models.vllm_causallms import VLLM
 
-from hallulens_capture.session import CaptureSession
 from hallulens_models import vllm_capture as capture
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
 from hallulens_models.model_config import check_local_weights, text_config
 from hallulens_models.vllm_defaults import cpu_memory_default
+from hallulens_models.vllm_replica import ROWS, replicas_capture
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class HalluLensVLLM(CaptureMixin, VLLM):
         weakref.finalize(self, shutil.rmtree, self._staging, True)
         self._run = uuid.uuid4().hex[:12]
         self._tags = 0
-        self._start_capture(CaptureSession(spec, layer_ids, model_name, backend="vllm"))
+        self._start_capture(spec, layer_ids, model_name, backend="vllm")
 
     def _model_generate(self, requests, generate=False, sampling_params=None):
         if not (self.capturing and generate and isinstance(sampling_params, list)):
@@ -66,7 +68,13 @@ class HalluLensVLLM(CaptureMixin, VLLM):
             self._tags += 1
             tags.append(f"{self._run}-{self._tags}")
             capture.tag(params, tags[-1])
-        outputs = super()._model_generate(requests, generate, sampling_params)
+        if self.data_parallel_size > 1:
+            with replicas_capture():
+                outputs = super()._model_generate(requests, generate, sampling_params)
+            results = [[getattr(output, ROWS) for output in outputs if hasattr(output, ROWS)]]
+        else:
+            outputs = super()._model_generate(requests, generate, sampling_params)
+            results = None
         spec = self._capture.spec
         plans = [
             capture.plan(
@@ -80,9 +88,10 @@ class HalluLensVLLM(CaptureMixin, VLLM):
             )
             for tag, output, params in zip(tags, outputs, sampling_params, strict=True)
         ]
-        results = self.model.collective_rpc(
-            capture.COLLECT, args=(capture.wanted(plans), self._staging, True)
-        )
+        if results is None:
+            results = self.model.collective_rpc(
+                capture.COLLECT, args=(capture.wanted(plans), self._staging, True)
+            )
         if recomputed := capture.recomputed(results):
             log.info(
                 "%d captured rows were computed again after preemption (kept once)", recomputed

@@ -70,9 +70,16 @@ def _spec():
 
 def _with_capture_settings(create):
     def create_engine_config(self, *args, **kwargs):
+        from hallulens_capture.errors import CaptureConfigError
         from hallulens_models.model_config import text_config
         from hallulens_models.vllm_capture import engine_settings
 
+        if (getattr(self, "data_parallel_size", 1) or 1) > 1:
+            raise CaptureConfigError(
+                f"data_parallel_size={self.data_parallel_size} cannot be used with the capture "
+                "plugin: run one `vllm serve` per data-parallel rank, each with its own "
+                "ACTIVATION_LMDB_PATH (or hallulens-vllm, which captures in every replica)"
+            )
         spec = _spec()
         text = text_config(
             self.model, {"revision": self.revision, "trust_remote_code": self.trust_remote_code}

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hallulens", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     activations = _group(commands, "activations", "inspect and label an activation store")
-    store_cli.register(activations)  # ls, show, stats, verify
+    store_cli.register(activations)  # ls, show, stats, verify, merge
     labels.register(activations)  # label
     analysis_cli.register(activations)  # export, audit
     models_cli.register(_group(commands, "models", "embedded model files"))  # path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,36 @@ def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 900, 
         timeout=timeout,
         cwd=cwd or ROOT,
     )
+
+
+def lm_eval_run(
+    model: str, model_args: str, tasks: str, out: Path, *more: str, env: dict | None = None
+) -> tuple[dict, dict[str, list[dict]]]:
+    """A stock `lm_eval` run on the test tasks with --log_samples that must succeed: its results
+    JSON and the samples rows of each task."""
+    result = run_cli(
+        "lm_eval",
+        "--model",
+        model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(TEST_TASKS),
+        "--output_path",
+        str(out),
+        "--log_samples",
+        *more,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    [results] = out.rglob("results_*.json")
+    samples = {}
+    for task in tasks.split(","):
+        [path] = out.rglob(f"samples_{task}_*.jsonl")
+        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    return json.loads(results.read_text()), samples
 
 
 @pytest.fixture(scope="session")

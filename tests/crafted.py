@@ -10,6 +10,7 @@ import struct
 import zlib
 
 import numpy as np
+import xxhash
 
 
 def key_of(prompt: str) -> str:
@@ -27,9 +28,9 @@ def arrays(layers: int = 2, tokens: int = 3, hidden: int = 4, fill: float = 0.5)
     }
 
 
-def header(tensors: dict, prompt: str = "crafted prompt", checksum: bool = False) -> dict:
-    """A valid header for `tensors` (name -> array, in order); `checksum` adds the CRC-32 of the
-    concatenated tensor bytes the way the format documents it."""
+def header(tensors: dict, prompt: str = "crafted prompt", checksum: str | None = None) -> dict:
+    """A valid header for `tensors` (name -> array, in order); `checksum` ("xxh3" or, as older
+    records carry, "crc32") adds that hash of the concatenated tensor bytes as documented."""
     labels = {np.float16: "F16", np.float32: "F32", np.int32: "I32", np.uint16: "BF16"}
     meta = {
         "prompt": prompt,
@@ -44,11 +45,11 @@ def header(tensors: dict, prompt: str = "crafted prompt", checksum: bool = False
         "gen_kwargs": "{}",
         "format": "hallulens-record/1",
     }
-    if checksum:
-        crc = 0
-        for array in tensors.values():
-            crc = zlib.crc32(array.tobytes(), crc)
-        meta["checksum"] = f"crc32:{crc:08x}"
+    data = b"".join(array.tobytes() for array in tensors.values())
+    if checksum == "crc32":
+        meta["checksum"] = f"crc32:{zlib.crc32(data):08x}"
+    elif checksum == "xxh3":
+        meta["checksum"] = f"xxh3:{xxhash.xxh3_64_hexdigest(data)}"
     out: dict = {"__metadata__": meta}
     offset = 0
     for name, array in tensors.items():
@@ -68,7 +69,7 @@ def value(head: dict | bytes, data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-def valid(prompt: str = "crafted prompt", checksum: bool = False, **shape) -> bytes:
+def valid(prompt: str = "crafted prompt", checksum: str | None = None, **shape) -> bytes:
     tensors = arrays(**shape)
     return value(header(tensors, prompt, checksum), b"".join(a.tobytes() for a in tensors.values()))
 

@@ -9,6 +9,7 @@ from reference import compare_record
 
 from hallulens_capture import open_store, record_key
 from hallulens_capture.errors import CaptureConfigError, StoreError
+from hallulens_capture.keys import share_of
 from hallulens_models.hf_lm import HalluLensHFLM
 
 PROMPTS = [
@@ -154,3 +155,28 @@ def test_bad_layer_fails_before_weights_load(tmp_path, monkeypatch):
     monkeypatch.setattr(HFLM, "_create_model", no_load)
     with pytest.raises(CaptureConfigError, match=r"layer 31 is out of range .* 30 decoder layers"):
         backend(tmp_path / "s", capture_layers="31")
+
+
+def test_job_array_shares_then_one_run_without_capture_shard(tmp_path, plain_outputs):
+    """Two jobs of an array each capture their share of the keys into their own shard and stop
+    (exit 0) while the other share is missing; the run without capture_shard then generates
+    nothing and answers every request from the store."""
+    path = tmp_path / "s"
+    keys = [record_key(p) for p in PROMPTS]
+    for job in range(2):
+        lm = backend(path, 3, capture_shard=f"{job}/2")
+        if job == 0:
+            with pytest.raises(SystemExit) as stopped:
+                lm.generate_until(requests(PROMPTS))
+            assert stopped.value.code == 0
+        else:  # the last job finds every other share stored: it answers all
+            assert lm.generate_until(requests(PROMPTS)) == plain_outputs
+        lm._capture.close()
+    with open_store(path) as store:
+        shards = {s["name"]: s["records"] for s in store.shards()}
+        assert shards == {f"job{j}": sum(share_of(k, 2) == j for k in keys) for j in range(2)}
+        assert sorted(store) == sorted(keys) and store.conflicts() == {}
+        assert [store[record_key(p)].response for p in PROMPTS] == plain_outputs
+    final = backend(path, 3)
+    assert final.generate_until(requests(PROMPTS)) == plain_outputs
+    assert final._capture.written == 0

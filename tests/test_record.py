@@ -106,12 +106,27 @@ def test_a_hand_built_record_without_checksum_still_reads():
     assert check_record(record) == []
 
 
-def test_the_checksum_is_crc32_of_the_tensor_bytes_and_safetensors_still_reads_it():
+def test_records_written_with_crc32_still_verify():
+    """Records of the previous writer carry CRC-32; they are checked with it."""
+    buf = crafted.valid(prompt="crc", checksum="crc32", layers=2, tokens=3, hidden=4, fill=0.5)
+    record = Record(crafted.key_of("crc"), buf)
+    assert record.checksum.startswith("crc32:") and record.data_checksum() == record.checksum
+    assert check_record(record) == []
+    damaged = bytearray(buf)
+    damaged[-30] ^= 0x01
+    problems = check_record(Record(record.key, damaged))
+    assert len(problems) == 1 and "do not match the record's checksum crc32:" in problems[0]
+    unknown = crafted.edited(crafted.set_path(("__metadata__", "checksum"), "md5:00"))
+    problems = check_record(Record(crafted.key_of("crafted prompt"), unknown))
+    assert problems == ["checksum 'md5:00': unknown checksum kind 'md5'"]
+
+
+def test_the_checksum_is_xxh3_of_the_tensor_bytes_and_safetensors_still_reads_it():
     tensors = crafted.arrays(layers=2, tokens=3, hidden=4, fill=0.25)
     index = {name: tensors[name] for name in list(tensors)[1:]}
     meta = crafted.header(tensors)["__metadata__"]
     buf = bytes(encode_record(tensors["all_layers_activations"], "F16", index, meta))
-    expected = crafted.header(tensors, checksum=True)["__metadata__"]["checksum"]
+    expected = crafted.header(tensors, checksum="xxh3")["__metadata__"]["checksum"]
     record = Record(crafted.key_of("crafted prompt"), buf)
     assert record.checksum == expected == record.data_checksum()
     assert check_record(record) == []

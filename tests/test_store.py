@@ -368,3 +368,113 @@ def test_a_run_adding_a_second_kind_of_record_warns_once(tmp_path, caplog):
     assert "second kind of record" in warnings[0]
     with open_store(path) as store:
         assert len(store) == 7
+
+
+def random_records(n: int, dtype: str = "F16", layers=(0, 4, 9), tokens=(5, 9)):
+    """n records of random activations (token counts between `tokens`), kept for comparison."""
+    from hallulens_capture.record import STORAGE_DTYPES, encode_record
+
+    rng = np.random.default_rng(7)
+    out = {}
+    for i in range(n):
+        count = int(rng.integers(*tokens))
+        acts = rng.standard_normal((len(layers), count, 16)).astype(np.float32)
+        if dtype == "BF16":
+            acts = (acts.view(np.uint32) >> 16).astype(np.uint16)
+        else:
+            acts = acts.astype(STORAGE_DTYPES[dtype])
+        index = {
+            "layer_ids": list(layers),
+            "token_positions": np.arange(count),
+            "prompt_token_ids": np.arange(count),
+            "generated_token_ids": [1],
+        }
+        meta = {"prompt": f"p{i} " + "é" * i, "response": "r", "capture_tokens": "prompt"}
+        out[record_key(meta["prompt"])] = (acts, encode_record(acts, dtype, index, meta).tobytes())
+    return out
+
+
+def test_read_many_equals_slicing_the_arrays_that_were_written(tmp_path):
+    written = random_records(40)
+    keys = list(written)[::-1]
+    with ActivationStore(tmp_path / "s", writable=True) as store:
+        for key, (_, value) in written.items():
+            store.put(key, value)
+        by_writer = store.read_many(keys, layers=9, tokens=slice(0, 5))  # from each record
+    with open_store(tmp_path / "s") as store:
+        got = store.read_many(keys, layers=9, tokens=slice(0, 5))
+        assert got.shape == (40, 1, 5, 16) and got.dtype == np.float16
+        for i, key in enumerate(keys):
+            np.testing.assert_array_equal(got[i, 0], written[key][0][2, :5])
+        np.testing.assert_array_equal(got, by_writer)
+        last = store.read_many(keys, layers=[9, 0], tokens=[-1])  # again: layouts kept
+        for i, key in enumerate(keys):
+            np.testing.assert_array_equal(last[i], written[key][0][[2, 0]][:, [-1]])
+        with pytest.raises(
+            StoreError, match=r"another number of tokens in the selection, unlike the first"
+        ):
+            store.read_many(keys, layers=0)  # all tokens: counts differ between records
+        with pytest.raises(KeyError, match=r"has no layer\(s\) \[5\]"):
+            store.read_many(keys, layers=5, tokens=[0])
+        with pytest.raises(KeyError):
+            store.read_many(["nope"], layers=0)
+
+
+def test_read_many_of_bfloat16_returns_float32(tmp_path):
+    written = random_records(5, "BF16")
+    with ActivationStore(tmp_path / "s", writable=True) as store:
+        for key, (_, value) in written.items():
+            store.put(key, value)
+    with open_store(tmp_path / "s") as store:
+        got = store.read_many(list(written), layers=4, tokens=slice(1, 3))
+    assert got.dtype == np.float32
+    for i, (bits, _) in enumerate(written.values()):
+        expected = (bits[1, 1:3].astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(got[i, 0], expected)
+
+
+def test_record_places_found_in_the_file_equal_what_lmdb_returns(tmp_path):
+    """Readers find each record's bytes in data.mdb themselves (py-lmdb would touch every page
+    of a value it returns); the places must hold exactly what LMDB itself returns."""
+    import lmdb
+
+    from hallulens_capture.lmdbfile import value_spans
+    from hallulens_capture.record import Record, _writer_layout, activation_layout
+
+    written = random_records(60, tokens=(0, 4))  # records of zero tokens are small, in-page
+    path = tmp_path / "s"
+    with ActivationStore(path, writable=True) as store:
+        for key, (_, value) in written.items():
+            store.put(key, value)
+        store.put(*sample(1))  # a large record too
+    env = lmdb.open(str(path), readonly=True, max_dbs=8)
+    with env.begin() as txn, open(path / "data.mdb", "rb") as f:
+        import mmap
+
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        spans = value_spans(data, txn.id(), b"records")
+        db = env.open_db(b"records", txn=txn, create=False)
+        expected = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)}
+        assert {k: bytes(data[a : a + n]) for k, (a, n) in spans.items()} == expected
+    env.close()
+    for key, value in expected.items():
+        record = Record(key.decode(), value)
+        fast = _writer_layout(memoryview(value))
+        assert fast is not None and fast == activation_layout(key.decode(), memoryview(value))
+        assert fast.shape == record.shape and fast.label == record.storage_dtype
+        assert fast.layer_ids == record.layer_ids.tobytes()
+
+
+def test_a_header_with_tensor_entries_nested_elsewhere_is_parsed_in_full():
+    """The quick header read takes only the tensor entries that end the header; a crafted header
+    with entries nested in another object after them is parsed in full (and refused)."""
+    import crafted
+
+    from hallulens_capture.record import _writer_layout, activation_layout
+
+    entry = {"dtype": "F16", "shape": [1, 1, 1], "data_offsets": [0, 2]}
+    nested = {"a": entry, "all_layers_activations": entry, "layer_ids": entry}
+    fake = crafted.edited(crafted.set_path(("zzz",), nested))  # after the real entries
+    assert _writer_layout(memoryview(fake)) is None
+    with pytest.raises(RecordFormatError):
+        activation_layout(crafted.key_of("crafted prompt"), memoryview(fake))

@@ -7,14 +7,13 @@ reported, cosine >= 0.999), and the same comparison one layer off must fail.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 
 import numpy as np
 import pytest
-from conftest import ROOT, report, run_cli
+from conftest import lm_eval_run, report
 from reference import compare_record
 
 from hallulens_capture import open_store
@@ -24,7 +23,6 @@ pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM per in-process engine
 
-TEST_TASKS = ROOT / "tests" / "tasks"
 ENGINE = "dtype=float32,gpu_memory_utilization=0.2,enforce_eager=True,max_model_len=128"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 MAX_REL_ERROR = 1e-4  # measured 1e-5 .. 3e-5 (fp32 engine vs fp32 HF)
@@ -58,33 +56,21 @@ def test_stock_cli_capture_matches_hf_and_lines_up_with_hallulens_hf(tmp_path, r
         ("hallulens-vllm", f"{ENGINE},max_num_batched_tokens=16"),
         ("hallulens-hf", "dtype=float32"),
     ):
-        store_path, out = tmp_path / f"{model}.lmdb", tmp_path / model
-        result = run_cli(
-            "lm_eval",
-            "--model",
+        store_path = tmp_path / f"{model}.lmdb"
+        results, samples = lm_eval_run(
             model,
-            "--model_args",
             f"pretrained=smollm2,activations={store_path},{capture},{extra}",
-            "--tasks",
             "capture_probe,capture_choice",
-            "--include_path",
-            str(TEST_TASKS),
+            tmp_path / model,
             "--apply_chat_template",
             "--limit",
             "8",
             "--batch_size",
             "4",
-            "--output_path",
-            str(out),
-            "--log_samples",
             env=ENV,
         )
-        assert result.returncode == 0, result.stderr[-3000:]
-        [results_file] = out.rglob("results_*.json")
-        results = json.loads(results_file.read_text())
         assert results["results"]["capture_choice"]["acc,none"] >= 0.5
-        [samples] = out.rglob("samples_capture_probe_*.jsonl")
-        runs[model] = (store_path, [json.loads(line) for line in samples.read_text().splitlines()])
+        runs[model] = (store_path, samples["capture_probe"])
 
     store_path, samples = runs["hallulens-vllm"]
     with open_store(store_path) as store:
@@ -176,7 +162,8 @@ def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"data_parallel_size": 2}, "data_parallel_size=2 cannot be used with activation capture"),
+        ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2 cannot be used with activation"),
+        ({"speculative_config": {"method": "ngram"}}, "speculative_config={'method': 'ngram'}"),
         ({"enable_prefix_caching": True}, "enable_prefix_caching=True cannot be used"),
         ({"worker_cls": "my.Worker"}, "worker_cls=my.Worker: capture needs"),
         ({"capture_layers": [31]}, "layer 31 is out of range"),
