@@ -1,8 +1,9 @@
 """Logprob baselines: per-record uncertainty scores from the optional per-token tensors.
 
-Records may carry `generated_logprobs` and `generated_entropy` ([G] float32, one value per
-generated token). Each baseline is oriented like a detector score, higher = less sure:
-minus the mean token logprob, minus the minimum token logprob, the mean token entropy.
+Records captured with `capture_topk` > 0 carry `generated_logprobs` and `generated_entropy` ([G]
+float32, one value per generated token, of the raw model logits). Each baseline is oriented like
+a detector score, higher = less sure: minus the mean token logprob, minus the minimum token
+logprob, the mean token entropy.
 Records without the tensors have no baseline; nothing is made up for them.
 """
 
@@ -11,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from hallulens_capture.errors import RecordFormatError
+from hallulens_capture.record import GENERATED_ENTROPY as ENTROPY
+from hallulens_capture.record import GENERATED_LOGPROBS as LOGPROBS
 from hallulens_capture.record import Record
 
-LOGPROBS = "generated_logprobs"
-ENTROPY = "generated_entropy"
 BASELINES = ("neg_mean_logprob", "neg_min_logprob", "mean_entropy")
 
 

@@ -83,9 +83,38 @@ def cmd_show(args: argparse.Namespace) -> int:
             norm = float(np.linalg.norm(values, axis=-1).mean()) if values.size else 0.0
             peak = float(np.abs(values).max()) if values.size else 0.0
             print(f"  {int(layer):>5}  {norm:>11.3f}  {peak:>8.3f}")
+        _show_token_stats(r)
         problems = check_record(r)
         print("  ok" if not problems else "  problems: " + "; ".join(problems))
     return 0
+
+
+SHOWN_TOKENS = 32
+
+
+def _show_token_stats(r) -> None:
+    """Per generated token: its id, logprob, the entropy and the first top-k alternatives."""
+    logprobs, entropy = r.generated_logprobs, r.generated_entropy
+    ids, top = r.topk_ids, r.topk_logprobs
+    if logprobs is None or entropy is None or ids is None or top is None:
+        print(f"{'token statistics':>20}: none (capture_topk={r.capture_topk})")
+        return
+    n = len(logprobs)
+    summary = (
+        f"mean logprob {logprobs.mean():.3f}, min {logprobs.min():.3f}, "
+        f"mean entropy {entropy.mean():.3f}"
+        if n
+        else "no generated tokens"
+    )
+    print(f"{'token statistics':>20}: top-{ids.shape[1]} per generated token; {summary}")
+    print("  token      id   logprob  entropy  most likely (id:logprob)")
+    for j in range(min(n, SHOWN_TOKENS)):
+        pairs = zip(ids[j, :3], top[j, :3], strict=True)
+        best = " ".join(f"{int(i)}:{float(v):.2f}" for i, v in pairs)
+        token = int(r.generated_token_ids[j])
+        print(f"  {j:>5}  {token:>6}  {logprobs[j]:>8.3f}  {entropy[j]:>7.3f}  {best}")
+    if n > SHOWN_TOKENS:
+        print(f"  ... {n - SHOWN_TOKENS} more")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -111,6 +140,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "hidden_sizes",
         "dtypes",
         "capture_tokens",
+        "capture_topk",
         "models",
         "backends",
         "tasks",

@@ -11,8 +11,9 @@ Tensors: `all_layers_activations` [n_layers, n_tokens, hidden] (F16 / BF16 / F32
 `gen_kwargs` (JSON), `format`, `checksum` (`xxh3:<16 hex>`, XXH3-64 of the data section, i.e.
 every tensor's bytes; records written before it are checked with the `crc32:<8 hex>` they carry,
 and the first ones have none). `activations` (the last captured layer) is a view, not stored.
-Optional tensors (F32 or I32, e.g. per generated token) may follow; records without them stay
-valid, and `Record.tensor(name)` reads them.
+Optional tensors (F32 or I32) may follow; records without them stay valid, and
+`Record.tensor(name)` reads them. The token statistics are such tensors, one row per generated
+token (`TOKEN_STATS`, metadata `capture_topk`); records written before them have none.
 
 Parsing checks the header's structure (types, dims that agree, offsets within the value) so that
 no crafted value can crash or mislead a reader, at a cost independent of the activations' size;
@@ -39,6 +40,13 @@ from hallulens_capture.keys import shown_key
 RECORD_FORMAT = "hallulens-record/1"
 ACTIVATIONS = "all_layers_activations"
 INDEX_TENSORS = ("layer_ids", "token_positions", "prompt_token_ids", "generated_token_ids")
+# token statistics, aligned with generated_token_ids, of the raw model logits (before temperature,
+# penalties or other processing); absent from records written with capture_topk=0 or before them
+GENERATED_LOGPROBS = "generated_logprobs"  # [G] F32: log-probability of each generated token
+GENERATED_ENTROPY = "generated_entropy"  # [G] F32: entropy (nats) of its next-token distribution
+TOPK_IDS = "topk_ids"  # [G, k] I32: the k most likely next tokens, most likely first
+TOPK_LOGPROBS = "topk_logprobs"  # [G, k] F32: their log-probabilities
+TOKEN_STATS = (GENERATED_LOGPROBS, GENERATED_ENTROPY, TOPK_IDS, TOPK_LOGPROBS)
 # safetensors dtype label -> numpy dtype of the stored bytes (BF16 is kept as its raw bits)
 STORAGE_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I32": np.int32}
 _ITEMSIZE = {label: np.dtype(dtype).itemsize for label, dtype in STORAGE_DTYPES.items()}
@@ -74,6 +82,19 @@ def storage_from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
         return values.astype(np.float16)
     bits = values.view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def token_stat_tensors(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The record's token statistics from the rows every engine hands over: [G, 2 + 2k] float32,
+    per generated token its logprob, the entropy, the k top logprobs and the k top ids (as
+    floats, exact for ids below 2**24; `hallulens_models.token_stats` writes them)."""
+    k = (rows.shape[1] - 2) // 2
+    return {
+        GENERATED_LOGPROBS: np.ascontiguousarray(rows[:, 0]),
+        GENERATED_ENTROPY: np.ascontiguousarray(rows[:, 1]),
+        TOPK_LOGPROBS: np.ascontiguousarray(rows[:, 2 : 2 + k]),
+        TOPK_IDS: rows[:, 2 + k :].astype(np.int32),
+    }
 
 
 def utc_timestamp() -> str:
@@ -328,6 +349,12 @@ class Record:
         """An optional tensor (a view), or None when this record has none of that name."""
         return self._raw(name) if name in self._tensors else None
 
+    # token statistics (None in records written without them)
+    generated_logprobs = property(lambda self: self.tensor(GENERATED_LOGPROBS))
+    generated_entropy = property(lambda self: self.tensor(GENERATED_ENTROPY))
+    topk_ids = property(lambda self: self.tensor(TOPK_IDS))
+    topk_logprobs = property(lambda self: self.tensor(TOPK_LOGPROBS))
+
     def slice(
         self, layers: int | Iterable[int] | None = None, tokens: slice | Sequence[int] | None = None
     ) -> np.ndarray:
@@ -360,6 +387,13 @@ class Record:
     task = property(lambda self: self._meta("task"))
     capture_tokens = property(lambda self: self._meta("capture_tokens"))
     dtype = property(lambda self: self._meta("dtype"))
+
+    @property
+    def capture_topk(self) -> int:
+        """Top-k alternatives kept per generated token; 0 for records without token statistics
+        (also those written before them, which carry no such field)."""
+        value = self._meta("capture_topk")
+        return int(value) if value.isdigit() else 0
 
     @property
     def doc_id(self) -> int | None:

@@ -11,7 +11,16 @@ import numpy as np
 from hallulens_capture.errors import RecordFormatError
 from hallulens_capture.keys import prompt_hash, shown_key
 from hallulens_capture.positions import token_positions
-from hallulens_capture.record import CAPTURE_DTYPE_LABELS, RECORD_FORMAT, Record
+from hallulens_capture.record import (
+    CAPTURE_DTYPE_LABELS,
+    GENERATED_ENTROPY,
+    GENERATED_LOGPROBS,
+    RECORD_FORMAT,
+    TOKEN_STATS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    Record,
+)
 from hallulens_capture.store import ActivationStore
 
 REQUIRED_METADATA = (
@@ -30,6 +39,7 @@ KIND_COUNTERS = {
     "dtype": "dtypes",
     "capture_tokens": "capture_tokens",
     "layers": "layers",
+    "capture_topk": "capture_topk",
 }
 
 
@@ -49,6 +59,7 @@ def record_kind(record: Record) -> dict[str, str]:
         "dtype": record.dtype,
         "capture_tokens": record.capture_tokens,
         "layers": layers_text(record.layer_ids),
+        "capture_topk": str(record.capture_topk),  # 0 also for records from before the field
     }
 
 
@@ -65,6 +76,7 @@ class StoreSummary:
     backends: Counter = field(default_factory=Counter)
     dtypes: Counter = field(default_factory=Counter)
     capture_tokens: Counter = field(default_factory=Counter)
+    capture_topk: Counter = field(default_factory=Counter)
     usage: dict = field(default_factory=dict)
 
     @property
@@ -91,6 +103,7 @@ class StoreSummary:
             "backends": dict(self.backends),
             "dtypes": dict(self.dtypes),
             "capture_tokens": dict(self.capture_tokens),
+            "capture_topk": dict(self.capture_topk),
             "mixed": self.mixed,
             **self.usage,
         }
@@ -149,6 +162,7 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
                 f"{record.capture_tokens} for {len(record.prompt_token_ids)} prompt + "
                 f"{len(record.generated_token_ids)} generated tokens"
             )
+    problems += token_stat_problems(record, read_values=read_values)
     if read_values and record.checksum is not None:
         try:
             found = record.data_checksum()
@@ -163,6 +177,59 @@ def check_record(record: Record, *, read_values: bool = True) -> list[str]:
     if read_values and not problems and not np.all(np.isfinite(record.all_layers_activations)):
         problems.append(
             "activations hold NaN or inf (float16 overflow? try capture_dtype=bfloat16)"
+        )
+    return problems
+
+
+def token_stat_problems(record: Record, *, read_values: bool = True) -> list[str]:
+    """Problems with a record's token statistics (none when it has none and claims none):
+    shapes [G] / [G, k] aligned with generated_token_ids and, with `read_values`, values a
+    distribution can have: finite logprobs <= 0, entropy >= 0, top-k sorted, distinct ids, and
+    the generated token's logprob equal to its top-k entry where it is among them (else at most
+    the k-th)."""
+    meta_k = record.metadata.get("capture_topk")
+    if meta_k is not None and not meta_k.isdigit():
+        return [f"capture_topk {meta_k!r} is not a whole number"]
+    k, n = record.capture_topk, len(record.generated_token_ids)
+    present = {name: record.tensor(name) for name in TOKEN_STATS if record.tensor(name) is not None}
+    if not present and not k:
+        return []
+    missing = [name for name in TOKEN_STATS if name not in present]
+    if missing:
+        return [f"token statistics incomplete (capture_topk={k}): no {', '.join(missing)}"]
+    lp, entropy = present[GENERATED_LOGPROBS], present[GENERATED_ENTROPY]
+    ids, top = present[TOPK_IDS], present[TOPK_LOGPROBS]
+    wanted = {
+        GENERATED_LOGPROBS: (lp, np.float32, (n,)),
+        GENERATED_ENTROPY: (entropy, np.float32, (n,)),
+        TOPK_IDS: (ids, np.int32, (n, k)),
+        TOPK_LOGPROBS: (top, np.float32, (n, k)),
+    }
+    bad = [
+        f"{name} is {value.dtype} {list(value.shape)}, expected {np.dtype(dtype)} {list(shape)}"
+        for name, (value, dtype, shape) in wanted.items()
+        if value.dtype != dtype or value.shape != shape
+    ]
+    if bad or not read_values:
+        return bad
+    problems = []
+    if not (np.all(np.isfinite(lp)) and np.all(lp <= 0)):
+        problems.append(f"{GENERATED_LOGPROBS} are not all finite and <= 0")
+    if not (np.all(np.isfinite(entropy)) and np.all(entropy >= 0)):
+        problems.append(f"{GENERATED_ENTROPY} is not all finite and >= 0")
+    if np.any(np.isnan(top)) or np.any(top > 0) or np.any(np.diff(top, axis=1) > 0):
+        problems.append(f"{TOPK_LOGPROBS} are not <= 0 and sorted, most likely first")
+    ordered = np.sort(ids, axis=1)
+    if np.any(ids < 0) or np.any(ordered[:, 1:] == ordered[:, :-1]):
+        problems.append(f"{TOPK_IDS} are not distinct token ids")
+    if problems or not k:
+        return problems
+    hit = ids == record.generated_token_ids[:, None]  # at most one per row: ids are distinct
+    found = hit.any(axis=1)
+    if not (np.array_equal(top[hit], lp[found]) and np.all(lp[~found] <= top[~found, -1])):
+        problems.append(
+            f"{GENERATED_LOGPROBS} disagree with {TOPK_LOGPROBS} (a generated token's logprob "
+            "differs from its top-k entry, or exceeds the k-th)"
         )
     return problems
 

@@ -6,8 +6,9 @@ looks every request up in the store: a request whose record exists is not genera
 (its stored response is returned), which is how an interrupted run resumes.
 
 Checks run at once, in the caller's thread; encoding and the LMDB write run on one writer thread
-behind a short queue, so an engine goes on with its next batch while records are written.
-`flush()` waits for the queue and raises what the writer met (a full disk, say).
+behind a queue bounded in bytes (`QUEUE_BYTES`, whatever the size of a record), so an engine goes
+on generating while records are written. Each record is one LMDB transaction: committed whole or
+not at all. `flush()` waits for the queue and raises what the writer met (a full disk, say).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hallulens_capture.record import (
     CAPTURE_DTYPE_LABELS,
     RECORD_FORMAT,
     encode_record,
+    token_stat_tensors,
     utc_timestamp,
 )
 from hallulens_capture.report import layers_text, record_kind
@@ -37,6 +39,10 @@ from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
 
 log = logging.getLogger(__name__)
+
+# bytes of captured records waiting for the writer thread before a producer waits (one record of
+# any size always gets in): what bounds capture's host memory beyond the engine's current batch
+QUEUE_BYTES = 256 << 20
 
 
 def canonical_json(value: object) -> str:
@@ -58,15 +64,15 @@ class CapturedSample:
     """What an engine captured for one generation, in engine-neutral form.
 
     `activations` is [n_layers, n_tokens, hidden] in the storage dtype (uint16 bits for
-    bfloat16), rows in the order of `token_positions`. `prompt` is None from engines that see
-    only token ids (vLLM): the output it belongs to is then known by order alone.
+    bfloat16), rows in the order of `token_positions`. `token_stats` holds one row per generated
+    token, [G, 2 + 2k] float32 (see `record.token_stat_tensors`), when capture_topk > 0.
     """
 
-    prompt: str | None
     prompt_token_ids: Sequence[int]
     generated_token_ids: Sequence[int]
     token_positions: np.ndarray
     activations: np.ndarray
+    token_stats: np.ndarray | None = None
 
 
 def shard_name(job: tuple[int, int] | None, rank: int, world_size: int) -> str | None:
@@ -99,6 +105,7 @@ class CaptureSession:
             "dtype": spec.dtype,
             "capture_tokens": spec.tokens,
             "layers": layers_text(self.layer_ids),
+            "capture_topk": str(spec.topk),
         }
         self.store = ActivationStore(
             spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
@@ -106,7 +113,9 @@ class CaptureSession:
         self.store.mark_incomplete()
         self.written = 0
         self._scratch = bytearray()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the records held in memory
+        self._queue: queue.Queue = queue.Queue()
+        self._queued_bytes = 0  # of records queued and not yet written, bounded by QUEUE_BYTES
+        self._room = threading.Condition()
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
 
@@ -117,6 +126,7 @@ class CaptureSession:
             "capture_layers": [int(i) for i in self.layer_ids],
             "capture_tokens": self.spec.tokens,
             "capture_dtype": self.spec.dtype,
+            "capture_topk": self.spec.topk,
         }
         if self.store.shard is not None:
             info["activations_shard"] = self.store.shard
@@ -147,9 +157,12 @@ class CaptureSession:
             {**self.kind, "gen_kwargs": canonical_json(request.gen_kwargs)},  # stored canonical
         )
         if differ:
+            hint = ""
+            if "capture_topk" not in record.metadata and self.spec.topk:
+                hint = " (its records predate token statistics: capture_topk=0 resumes it)"
             raise StoreError(
                 f"{self.spec.path} already holds record {key} for this prompt, made with "
-                f"{'; '.join(differ)}: use a new activations= path for different settings"
+                f"{'; '.join(differ)}: use a new activations= path for different settings{hint}"
             )
         return record.response
 
@@ -158,8 +171,6 @@ class CaptureSession:
     ) -> None:
         """Check one captured sample against the spec and queue it for the store under `key`."""
         self._raise_failure()
-        if sample.prompt is not None and sample.prompt != request.prompt:
-            raise CaptureError(f"record {key}: engine output belongs to another prompt")
         acts = sample.activations
         expected = token_positions(
             self.spec.tokens, len(sample.prompt_token_ids), len(sample.generated_token_ids)
@@ -174,6 +185,7 @@ class CaptureSession:
                 f"record {key}: activations of shape {list(acts.shape)}, expected "
                 f"[{len(self.layer_ids)}, {len(expected)}, hidden]"
             )
+        optional = self._token_stats(key, sample)
         metadata = {
             "prompt": request.prompt,
             "response": response,
@@ -185,6 +197,7 @@ class CaptureSession:
             "capture_tokens": self.spec.tokens,
             "dtype": self.spec.dtype,
             "gen_kwargs": canonical_json(request.gen_kwargs),
+            "capture_topk": str(self.spec.topk),
             "format": RECORD_FORMAT,
         }
         index = {
@@ -197,7 +210,27 @@ class CaptureSession:
             self._warn_if_mixed()
             self._writer = threading.Thread(target=self._drain, name="hallulens-store", daemon=True)
             self._writer.start()
-        self._queue.put((key, acts, index, metadata))
+        size = acts.nbytes + sum(t.nbytes for t in optional.values())
+        with self._room:
+            while self._queued_bytes and self._queued_bytes + size > QUEUE_BYTES:
+                self._room.wait()
+            self._queued_bytes += size
+        self._queue.put((key, acts, index, metadata, optional, size))
+
+    def _token_stats(self, key: str, sample: CapturedSample) -> dict[str, np.ndarray]:
+        """The record's token statistics tensors (none with capture_topk=0), checked: one row
+        of 2 + 2k values per generated token."""
+        if not self.spec.topk:
+            return {}
+        rows, n = sample.token_stats, len(sample.generated_token_ids)
+        width = 2 + 2 * self.spec.topk
+        if rows is None or rows.shape != (n, width):
+            got = "none" if rows is None else list(rows.shape)
+            raise CaptureError(
+                f"record {key}: engine gave token statistics of shape {got}, "
+                f"expected [{n}, {width}]"
+            )
+        return token_stat_tensors(rows)
 
     def _warn_if_mixed(self) -> None:
         """Log once when the store holds records of another kind than this run's (a store mixing
@@ -221,10 +254,12 @@ class CaptureSession:
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
+            key, acts, index, metadata, optional, size = item
             try:
                 if self._failure is None:  # after a failure, later records are dropped
-                    key, acts, index, metadata = item
-                    value = encode_record(acts, self.dtype_label, index, metadata, self._scratch)
+                    value = encode_record(
+                        acts, self.dtype_label, index, metadata, self._scratch, optional
+                    )
                     if value.obj is not self._scratch:  # grown: keep the larger buffer
                         self._scratch = value.obj
                     self.store.put(key, value)
@@ -232,6 +267,10 @@ class CaptureSession:
             except BaseException as exc:  # re-raised by flush or the next write
                 self._failure = exc
             finally:
+                del item, acts, optional  # the record's memory goes before room is made
+                with self._room:
+                    self._queued_bytes -= size
+                    self._room.notify_all()
                 self._queue.task_done()
         self._queue.task_done()
 

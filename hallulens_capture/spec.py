@@ -1,5 +1,8 @@
 """What to capture: the `activations=`, `capture_*` and `map_size_gb` model_args, checked early.
 
+`capture_topk=K` (default 20) stores, per generated token, its logprob, the K most likely tokens
+with their logprobs and the entropy of the next-token distribution; 0 stores none of them.
+
 `capture_shard=I/N` (or `HALLULENS_CAPTURE_SHARD`) makes a run one of N independent jobs (a SLURM
 array, say): it captures only the requests whose key falls to share I (a hash of the key, so
 every job agrees without talking to the others) into the store's shard `jobI`.
@@ -25,6 +28,7 @@ ENV_SHARD = "HALLULENS_CAPTURE_SHARD"
 TOKEN_SCOPES = ("generated", "prompt", "all", "response")
 DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_MAP_SIZE_GB = 16.0
+DEFAULT_TOPK = 20
 MIN_MAP_SIZE_GB = 1 / 1024  # 1 MiB; the store grows its map when full
 MAX_MAP_SIZE_GB = 1 << 17  # 128 TiB, a 64-bit process's whole address space (x86-64, arm64)
 
@@ -123,6 +127,7 @@ class CaptureSpec:
     dtype: str
     map_size_gb: float
     shard: tuple[int, int] | None = None  # (I, N) of a job array; None: one job does it all
+    topk: int = DEFAULT_TOPK  # alternatives kept per generated token; 0: no token statistics
 
     @classmethod
     def from_model_args(
@@ -133,6 +138,7 @@ class CaptureSpec:
         capture_dtype: object = None,
         map_size_gb: object = None,
         capture_shard: object = None,
+        capture_topk: object = None,
         environ: Mapping[str, str] = os.environ,
     ) -> CaptureSpec | None:
         """Build the spec from model_args; None when capture is off (no path given anywhere)."""
@@ -144,6 +150,7 @@ class CaptureSpec:
                 "capture_dtype": capture_dtype,
                 "map_size_gb": map_size_gb,
                 "capture_shard": capture_shard,
+                "capture_topk": capture_topk,
             }
             named = [k for k, v in given.items() if v is not None]
             if named:
@@ -171,6 +178,9 @@ class CaptureSpec:
                     "map_size_gb", map_size_gb, minimum=MIN_MAP_SIZE_GB, maximum=MAX_MAP_SIZE_GB
                 )
             )
+        topk = DEFAULT_TOPK
+        if capture_topk is not None:
+            topk = int(checked_number("capture_topk", capture_topk, minimum=0, integer=True))
         return cls(
             path=path,
             layers=parse_layers("all" if capture_layers is None else capture_layers),
@@ -178,8 +188,18 @@ class CaptureSpec:
             dtype=dtype,
             map_size_gb=size,
             shard=_job_shard(environ.get(ENV_SHARD) if capture_shard is None else capture_shard),
+            topk=topk,
         )
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """Resolve to sorted unique ids in 0..num_layers (num_layers = decoder layers, L)."""
         return resolve_layers(self.layers, num_layers)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse more top-k alternatives than the model has tokens (checked, like the layers,
+        once the model's config is read and before its weights load)."""
+        if self.topk > vocab_size:
+            raise CaptureConfigError(
+                f"capture_topk={self.topk} is more than the model's vocabulary "
+                f"({vocab_size} tokens)"
+            )

@@ -2,9 +2,11 @@
 
 The parent classes (HFLM, VLLM, ...) keep doing all the work of `generate_until`: batching,
 sorting, stop strings, post-processing. This mixin wraps it: it skips requests whose record is
-already stored (resume), and routes each output to its record through the harness's cache hook,
-which every backend calls exactly once per output, in output order, with `(context, gen_kwargs)`.
-The engine glue queues one `CapturedSample` per output in the same order via `_captured()`.
+already stored (resume), and checks each output against its record through the harness's cache
+hook, which every backend calls exactly once per output with `(context, gen_kwargs)`. The engine
+glue hands over each generation as it finishes (`_finished()`: its prompt, the
+response text the harness will return, the `CapturedSample`), so its record is written while the
+engine goes on; the harness's outputs then confirm each record.
 
 Several processes of one run (accelerate) each write their own shard; keys are numbered over
 every process's requests, as one process would number them. A job of a job array
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from hallulens_capture.errors import CaptureConfigError, CaptureError
@@ -39,17 +41,23 @@ CAPTURE_ARGS = (
     "capture_dtype",
     "map_size_gb",
     "capture_shard",
+    "capture_topk",
 )
 
 log = logging.getLogger(__name__)
 
 
 class _OutputRouter:
-    """Stands in for the cache hook during one `generate_until`, pairing outputs with records.
+    """Stands in for the cache hook during one `generate_until`, pairing generations with records.
 
-    An output is matched to a request by its context and, where the backend hands the hook the
-    request's own settings, its gen_kwargs (HF, GGUF); vLLM's hook gets normalised settings, so
-    an output whose settings match no request goes to the first waiting one with its context.
+    The engine glue reports each generation as it finishes (`finished`, in any order, with the
+    response text the harness will return for it), so its record is written while the engine
+    goes on with the rest. The request it answers is known when every waiting request with its
+    prompt has the same settings (the first one is taken, as keys number such requests in
+    order); otherwise, or when the glue cannot know the harness's text (None), the sample waits
+    for the harness's output, whose settings and text complete it. Each harness output
+    (`add_partial`) must find a record of its prompt with its response text: anything else is
+    a bug of ours and stops the run.
     """
 
     def __init__(
@@ -62,7 +70,26 @@ class _OutputRouter:
         self._waiting: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             self._waiting[request.prompt].append(i)
-        self.pending: deque[CapturedSample] = deque()
+        self._written: Counter[tuple[str, str]] = Counter()  # (prompt, response) -> records
+        # (prompt, response or None) -> samples waiting for their harness output
+        self._held: dict[tuple[str, str | None], list[CapturedSample]] = defaultdict(list)
+
+    def finished(self, context: str, response: str | None, sample: CapturedSample) -> None:
+        waiting = self._waiting.get(context)
+        if not waiting:
+            raise CaptureError("the engine finished a generation this call did not ask for")
+        settings = {canonical_json(self._requests[i].gen_kwargs) for i in waiting}
+        if response is not None and len(settings) == 1:
+            i = waiting.pop(0)
+            self._session.write(self._keys[i], self._requests[i], response, sample)
+            self._written[(context, response)] += 1
+        else:  # the harness's output settings will tell
+            self._held[(context, response)].append(sample)
+
+    @property
+    def unmatched(self) -> int:
+        """Samples no harness output has claimed (0 once every output came)."""
+        return sum(self._written.values()) + sum(map(len, self._held.values()))
 
     def _claim(self, context: str, gen_kwargs: dict) -> int | None:
         waiting = self._waiting.get(context)
@@ -84,13 +111,17 @@ class _OutputRouter:
         if attr != "generate_until":
             return
         context, gen_kwargs = req
-        if not self.pending:
-            raise CaptureError("the engine returned an output without captured activations")
-        sample = self.pending.popleft()
-        i = self._claim(context, gen_kwargs)
-        if i is None or sample.prompt not in (None, context):
-            raise CaptureError("captured activations do not line up with the harness's outputs")
-        self._session.write(self._keys[i], self._requests[i], res, sample)
+        if self._written[(context, res)]:
+            self._written[(context, res)] -= 1
+            return
+        held = self._held.get((context, res)) or self._held.get((context, None))
+        i = self._claim(context, gen_kwargs) if held else None
+        if i is None:
+            raise CaptureError(
+                "captured activations do not line up with the harness's outputs (no captured "
+                "generation of this prompt gave this response)"
+            )
+        self._session.write(self._keys[i], self._requests[i], res, held.pop(0))  # type: ignore[union-attr]
 
     def __getattr__(self, name: str):
         return getattr(self._hook, name)
@@ -146,10 +177,12 @@ class CaptureMixin:
             info.update(self._capture.info())
         return info
 
-    def _captured(self, sample: CapturedSample) -> None:
+    def _finished(self, context: str, response: str | None, sample: CapturedSample) -> None:
+        """One finished generation: its prompt, the text the harness will return (None: not
+        known before the harness returns it), the capture."""
         if self._router is None:
             raise CaptureError("activations captured outside generate_until")
-        self._router.pending.append(sample)
+        self._router.finished(context, response, sample)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         session = self._capture
@@ -187,8 +220,8 @@ class CaptureMixin:
             finally:
                 self.cache_hook, self._router = hook, None  # type: ignore[attr-defined]
                 session.flush()  # what was captured is kept, also when generation failed
-            if router.pending:
-                raise CaptureError(f"{len(router.pending)} captured samples had no harness output")
+            if router.unmatched:
+                raise CaptureError(f"{router.unmatched} captured samples had no harness output")
             for i, text in zip(todo, texts, strict=True):
                 results[i] = text
         session.finish()

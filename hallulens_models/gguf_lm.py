@@ -1,7 +1,8 @@
 """`hallulens-gguf`: the llama.cpp harness LM (`llama_cpp_lm`) plus activation capture.
 
 Capture is an observer of the plain model: `llama_tap.TapObserver` reads the chosen layers
-through llama.cpp's `cb_eval` and hands each finished generation to the shared record writer.
+through llama.cpp's `cb_eval` and the token statistics from each step's logits, and hands each
+generation to the shared record writer as soon as it is finished.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from hallulens_models.embedded import resolve_gguf
 from hallulens_models.llama_cpp_lm import LlamaCppLM
 
 
-def _gguf_shape(path: str) -> tuple[int, int]:
-    """(decoder layers, hidden size) from the GGUF header, before llama.cpp loads the weights."""
+def _gguf_shape(path: str) -> tuple[int, int, int]:
+    """(decoder layers, hidden size, vocabulary) from the GGUF header, before llama.cpp loads
+    the weights."""
     from gguf import GGUFReader
 
     try:
@@ -27,6 +29,7 @@ def _gguf_shape(path: str) -> tuple[int, int]:
         return (
             int(fields[f"{arch}.block_count"].parts[-1][0]),
             int(fields[f"{arch}.embedding_length"].parts[-1][0]),
+            len(fields["tokenizer.ggml.tokens"].data),
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelFilesError(f"pretrained={path}: not a readable GGUF model: {exc}") from None
@@ -43,21 +46,23 @@ class HalluLensGGUFLM(CaptureMixin, LlamaCppLM):
             return
         from hallulens_models.llama_tap import TapObserver
 
-        n_layer, n_embd = _gguf_shape(resolve_gguf(pretrained))
+        n_layer, n_embd, n_vocab = _gguf_shape(resolve_gguf(pretrained))
         layer_ids = spec.layer_ids(n_layer)  # bad options fail before weights load
-        observer = TapObserver(layer_ids, n_layer, n_embd, spec.tokens, self._tapped)
+        spec.check_vocab(n_vocab)
+        observer = TapObserver(layer_ids, n_layer, n_embd, spec.tokens, spec.topk, self._tapped)
         super().__init__(pretrained=pretrained, observer=observer, **kwargs)
         self._start_capture(spec, layer_ids, pretrained, backend="gguf")
 
-    def _tapped(self, context: str, prompt: list[int], generated: list[int], rows) -> None:
-        """One finished generation's rows ([layers, tokens, hidden] float32) to the writer."""
+    def _tapped(
+        self, context: str, prompt: list[int], generated: list[int], text: str, rows, stats
+    ) -> None:
+        """One finished generation ([layers, tokens, hidden] float32 rows) to the writer."""
         spec = self._capture.spec
-        self._captured(
-            CapturedSample(
-                prompt=context,
-                prompt_token_ids=prompt,
-                generated_token_ids=generated,
-                token_positions=token_positions(spec.tokens, len(prompt), len(generated)),
-                activations=storage_from_float32(rows, spec.dtype),
-            )
+        sample = CapturedSample(
+            prompt_token_ids=prompt,
+            generated_token_ids=generated,
+            token_positions=token_positions(spec.tokens, len(prompt), len(generated)),
+            activations=storage_from_float32(rows, spec.dtype),
+            token_stats=stats,
         )
+        self._finished(context, text, sample)

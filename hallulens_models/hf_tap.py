@@ -2,30 +2,36 @@
 
 Layer 0 is the input of the first decoder layer (the embedding output, after any scaling the
 model applies); layer i is the output of decoder layer i, before the final norm (HF's own
-`hidden_states[-1]` is after it). Each step's copy leaves the device at once, layer by layer
-(asynchronously into pinned memory on CUDA), so a long generation never piles up hidden states
-on the device.
+`hidden_states[-1]` is after it). Each step's layers leave the device at once, in one copy per
+step (asynchronously into pinned memory on CUDA), so a long generation never piles up hidden
+states on the device. With token statistics, hooks on the model itself read each step's output
+logits (the model's own, as `generate` gets them) and the tokens fed at the next step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from hallulens_capture.errors import CaptureError
+from hallulens_models import token_stats
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def to_storage(tensor: torch.Tensor) -> np.ndarray:
-    """Host tensor -> numpy array of its stored bytes (bfloat16 as uint16 bits)."""
-    tensor = tensor.contiguous()
+def storage_view(tensor: torch.Tensor) -> np.ndarray:
+    """A host tensor's stored bytes as a numpy view, strides kept (bfloat16 as uint16 bits)."""
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+def to_storage(tensor: torch.Tensor) -> np.ndarray:
+    """Host tensor -> a compact numpy array of its stored bytes (bfloat16 as uint16 bits)."""
+    return storage_view(tensor.contiguous())
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -46,93 +52,162 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 class StepLog:
-    """Host copies per forward step: step i is [n_layers, batch, tokens_i, hidden]."""
+    """Host copies per forward step of one `generate` call: step i's activations
+    [n_layers, batch, tokens_i, hidden] and, with token statistics, its rows [batch, 2 + 2k]
+    (`token_stats`). The hooks fill it; `row` and `row_stats` read one batch row, also while
+    generate still runs (a finished row's steps are all there)."""
 
-    def __init__(self, n_layers: int, hidden: int, dtype: torch.dtype) -> None:
+    def __init__(self, n_layers: int, hidden: int, dtype: torch.dtype, cuda: bool) -> None:
         self._empty = torch.empty((n_layers, 0, hidden), dtype=dtype)
         self.lengths: list[int] = []
         self.blocks: dict[int, torch.Tensor] = {}
-        self._decode: torch.Tensor | None = None
+        self.stats: list[torch.Tensor] = []
+        self._cuda = cuda
+
+    def _ready(self) -> None:
+        """Wait for the asynchronous copies into pinned memory made so far (CUDA only)."""
+        if self._cuda:
+            torch.cuda.current_stream().synchronize()
 
     def row(self, row: int, n_prompt: int, n_decode: int) -> torch.Tensor:
         """[n_layers, tokens, hidden] of one batch row: the last `n_prompt` prefill rows kept
         (the batch is left-padded, so its prompt ends at the last column), then its first
         `n_decode` decode steps."""
+        self._ready()
         parts = []
         if 0 in self.blocks and n_prompt > 0:
             block = self.blocks[0]
             parts.append(block[:, row, block.shape[2] - n_prompt :])
-        if n_decode > 0:
-            if self._decode is None:
-                self._decode = torch.cat(
-                    [self.blocks[i] for i in range(1, len(self.lengths))], dim=2
-                )
-            parts.append(self._decode[:, row, :n_decode])
+        parts += [self.blocks[step][:, row] for step in range(1, n_decode + 1)]
         if not parts:
             return self._empty
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def row_stats(self, row: int, n_tokens: int) -> np.ndarray:
+        """[n_tokens, 2 + 2k] token statistics of one batch row's first generated tokens."""
+        self._ready()
+        return torch.stack([self.stats[step][row] for step in range(n_tokens)]).numpy()
+
 
 class LayerTap:
-    """Hooks for `layer_ids` of one model, active only inside `recording()`."""
+    """Hooks for `layer_ids` of one model (and its logits), active only inside `recording()`."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: Sequence[int], dtype: torch.dtype):
+        self._model = model
         self._layers = decoder_layers(model)
         self._hidden = model.config.get_text_config().hidden_size
         self.layer_ids = list(layer_ids)
         self.dtype = dtype
 
     @contextmanager
-    def recording(self, prefill_rows: int | None, keep_decode: bool) -> Iterator[StepLog]:
+    def recording(
+        self,
+        prefill_rows: int | None,
+        keep_decode: bool,
+        topk: int,
+        on_tokens: Callable[[torch.Tensor], None],
+    ) -> Iterator[Recording]:
         """Record forward steps: of the prefill, the last `prefill_rows` columns (None: all,
-        0: none), and every decode step if `keep_decode`."""
-        log = StepLog(len(self.layer_ids), self._hidden, self.dtype)
-        slots = {lid: i for i, lid in enumerate(self.layer_ids)}
-        last = self.layer_ids[-1]
-        current: list[torch.Tensor | None] = [None]
-
-        def grab(lid: int, hidden: torch.Tensor) -> None:
-            step, length = len(log.lengths), hidden.shape[1]
-            if prefill_rows != 0 if step == 0 else keep_decode:
-                if step == 0 and prefill_rows is not None:
-                    hidden = hidden[:, -prefill_rows:]
-                block = current[0]
-                if block is None:
-                    batch, tokens, width = hidden.shape
-                    block = torch.empty(
-                        (len(slots), batch, tokens, width),
-                        dtype=self.dtype,
-                        pin_memory=hidden.is_cuda,
-                    )
-                    current[0] = block
-                if hidden.is_cuda:
-                    block[slots[lid]].copy_(hidden.detach().to(self.dtype), non_blocking=True)
-                else:
-                    block[slots[lid]].copy_(hidden.detach())
-            if lid == last:
-                log.lengths.append(length)
-                if current[0] is not None:
-                    log.blocks[step] = current[0]
-                    current[0] = None
-
+        0: none), every decode step if `keep_decode`, and with `topk` > 0 each step's token
+        statistics. `on_tokens` gets the tokens each step chose ([batch]), as soon as they are
+        known: when the next step feeds them, and the last step's through `Recording.close`."""
+        recording = Recording(self, prefill_rows, keep_decode, topk, on_tokens)
         handles = []
         for lid in self.layer_ids:
             if lid == 0:
 
                 def pre(module, args, kwargs):
-                    grab(0, args[0] if args else kwargs["hidden_states"])
+                    recording.grab(0, args[0] if args else kwargs["hidden_states"])
 
                 handles.append(self._layers[0].register_forward_pre_hook(pre, with_kwargs=True))
             else:
 
                 def post(module, args, output, lid=lid):
-                    grab(lid, output[0] if isinstance(output, (tuple, list)) else output)
+                    recording.grab(lid, output[0] if isinstance(output, (tuple, list)) else output)
 
                 handles.append(self._layers[lid - 1].register_forward_hook(post))
+        handles.append(
+            self._model.register_forward_pre_hook(recording.before_step, with_kwargs=True)
+        )
+        if topk:
+            handles.append(self._model.register_forward_hook(recording.after_step))
         try:
-            yield log
+            yield recording
         finally:
             for handle in handles:
                 handle.remove()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.current_stream().synchronize()  # pending copies into pinned memory
+
+
+class Recording(StepLog):
+    """The hooks' side of a StepLog: each step's chosen layers go to a host block in one copy
+    (on CUDA: gathered on the device, then one asynchronous copy into pinned memory), its
+    logits are reduced on the device (`token_stats`) until the next step reveals the chosen
+    tokens."""
+
+    def __init__(
+        self,
+        tap: LayerTap,
+        prefill_rows: int | None,
+        keep_decode: bool,
+        topk: int,
+        on_tokens: Callable[[torch.Tensor], None],
+    ) -> None:
+        cuda = next(tap._model.parameters()).is_cuda
+        super().__init__(len(tap.layer_ids), tap._hidden, tap.dtype, cuda)
+        self._slots = {lid: i for i, lid in enumerate(tap.layer_ids)}
+        self._last = tap.layer_ids[-1]
+        self._dtype = tap.dtype
+        self._prefill_rows = prefill_rows
+        self._keep_decode = keep_decode
+        self._topk = topk
+        self._on_tokens = on_tokens
+        self._block: torch.Tensor | None = None  # this step's layers: host, or device on CUDA
+        self._pending: token_stats.StepStats | None = None  # last step's, awaiting its tokens
+
+    def grab(self, lid: int, hidden: torch.Tensor) -> None:
+        step, length = len(self.lengths), hidden.shape[1]
+        if self._prefill_rows != 0 if step == 0 else self._keep_decode:
+            if step == 0 and self._prefill_rows is not None:
+                hidden = hidden[:, -self._prefill_rows :]
+            if self._block is None:
+                self._block = torch.empty(
+                    (len(self._slots), *hidden.shape), dtype=self._dtype, device=hidden.device
+                )
+            self._block[self._slots[lid]].copy_(hidden.detach())
+        if lid == self._last:
+            self.lengths.append(length)
+            if self._block is not None:
+                self.blocks[step] = _to_host(self._block)
+                self._block = None
+
+    def before_step(self, module, args, kwargs) -> None:
+        """From the second forward on, the fed tokens are the ones the previous step chose."""
+        if self.lengths:
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            self._chosen(ids[:, -1])
+
+    def after_step(self, module, args, output) -> None:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        self._pending = token_stats.summarize(logits[:, -1], self._topk)
+
+    def close(self, last_tokens: torch.Tensor) -> None:
+        """The tokens the last step chose (generate never feeds them back)."""
+        self._chosen(last_tokens)
+
+    def _chosen(self, tokens: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.stats.append(_to_host(token_stats.rows(self._pending, tokens)))
+            self._pending = None
+        self._on_tokens(tokens)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A step's device tensor in host memory: one asynchronous copy into pinned memory on CUDA
+    (`StepLog._ready` waits for it), the tensor itself on the CPU."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

@@ -33,8 +33,10 @@ PROMPT, GENERATED = "prompt", "generated"  # what a decode call feeds (None: sco
 class DecodeObserver(Protocol):
     """Watches LlamaCppLM decode. `feeding`/`fed` wrap every llama.cpp decode call with what it
     feeds: PROMPT (one sequence's prompt, which starts that sequence afresh), GENERATED (the last
-    token of each active sequence) or None (loglikelihood scoring). `finished` hands over each
-    generation once it is complete, in sequence order."""
+    token of each active sequence) or None (loglikelihood scoring). `chose` gets the tokens each
+    step of a generation chose with the logits rows they were chosen from (float32 [n, vocab],
+    valid only during the call), `finished` each generation once it is complete, with the text
+    the harness gets for it."""
 
     eval_callback: Any  # llama.cpp's `cb_eval` for the context, or None
     all_prompt_logits: bool  # ask the logits of every prompt token (llama.cpp then computes
@@ -44,7 +46,11 @@ class DecodeObserver(Protocol):
 
     def fed(self, part: str | None, seqs: Sequence[int]) -> None: ...
 
-    def finished(self, seq: int, context: str, prompt: list[int], generated: list[int]) -> None: ...
+    def chose(self, seqs: Sequence[int], logits: np.ndarray, tokens: Sequence[int]) -> None: ...
+
+    def finished(
+        self, seq: int, context: str, prompt: list[int], generated: list[int], text: str
+    ) -> None: ...
 
 
 @contextlib.contextmanager
@@ -174,10 +180,18 @@ class LlamaCppLM(TemplateLM):
 
     # --- decoding ----------------------------------------------------------------------
     def _feed(
-        self, tokens: list[int], positions, seqs: list[int], outputs: list[bool], part: str | None
+        self,
+        tokens: list[int],
+        positions,
+        seqs: list[int],
+        outputs: list[bool],
+        part: str | None,
+        copy: bool = True,
     ) -> np.ndarray:
         """Decode `tokens` (at `positions` of sequences `seqs`), n_batch at a time; returns the
-        logits rows of the tokens flagged in `outputs`, in order."""
+        logits rows of the tokens flagged in `outputs`, in order. With `copy=False` the rows of
+        the last decode call are llama.cpp's own buffer (no copy of a vocabulary-sized row),
+        valid until the next decode; earlier calls' rows are copied."""
         if self._observer is not None:
             self._observer.feeding(part)
         llm = self._llm
@@ -196,23 +210,29 @@ class LlamaCppLM(TemplateLM):
             n_out = sum(outputs[i:end])
             if n_out:
                 logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_out, self._n_vocab))
-                rows.append(logits.copy())
+                rows.append(logits.copy() if copy or end < len(tokens) else logits)
         if self._observer is not None:
             self._observer.fed(part, seqs)
+        if len(rows) == 1:
+            return rows[0]
         return np.concatenate(rows) if rows else np.empty((0, self._n_vocab), np.float32)
 
     def _prefill(
-        self, seq: int, tokens: list[int], all_logits: bool, part: str | None
+        self, seq: int, tokens: list[int], all_logits: bool, part: str | None, copy: bool = True
     ) -> np.ndarray:
         """Start sequence `seq` afresh with `tokens`; logits of every token or only the last."""
         self._llm._ctx.kv_cache_seq_rm(seq, 0, -1)
         outputs = [all_logits] * (len(tokens) - 1) + [True]
-        return self._feed(tokens, range(len(tokens)), [seq] * len(tokens), outputs, part)
+        return self._feed(tokens, range(len(tokens)), [seq] * len(tokens), outputs, part, copy)
 
-    def _next_token(self, logits: np.ndarray, gen_kwargs: dict) -> int:
+    def _next_tokens(self, logits: np.ndarray, gen_kwargs: dict) -> list[int]:
+        """One token per logits row: the argmax (greedy), or drawn as `gen_kwargs` say."""
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
         if not gen_kwargs.get("do_sample", temperature > 0) or temperature <= 0:
-            return int(np.argmax(logits))
+            return logits.argmax(axis=1).tolist()
+        return [self._sample(row, temperature, gen_kwargs) for row in logits]
+
+    def _sample(self, logits: np.ndarray, temperature: float, gen_kwargs: dict) -> int:
         probs = np.exp(_log_softmax(logits.astype(np.float64) / temperature))
         top_k = int(gen_kwargs.get("top_k", 0) or 0)
         if 0 < top_k < len(probs):
@@ -226,47 +246,58 @@ class LlamaCppLM(TemplateLM):
 
     def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
         """Generate for several prompts with the same settings, decoded together (one llama.cpp
-        sequence each); a sequence leaves the batch at EOS, a stop string or its token limit."""
+        sequence each); a sequence leaves the batch at EOS, a stop string or its token limit,
+        and is handed to the observer then."""
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [s for s in ([until] if isinstance(until, str) else until) if s]
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         prompts = [self.tok_encode(c)[-max(1, self.max_length - max_new) :] for c in contexts]
         all_logits = self._observer is not None and self._observer.all_prompt_logits
-        logits = {
-            seq: self._prefill(seq, prompt, all_logits, PROMPT)[-1]
-            for seq, prompt in enumerate(prompts)
-        }
         generated: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        while active:
-            for seq in active:
-                generated[seq].append(self._next_token(logits[seq], kwargs))
-            active = [
-                seq
-                for seq in active
-                if not (
-                    ends_response(generated[seq], self._eog, until, self.tok_decode)
-                    or len(generated[seq]) >= max_new
-                    or len(prompts[seq]) + len(generated[seq]) >= self.max_length
-                )
-            ]
-            if active:
-                positions = [len(prompts[seq]) + len(generated[seq]) - 1 for seq in active]
-                tokens = [generated[seq][-1] for seq in active]
-                rows = self._feed(tokens, positions, active, [True] * len(active), GENERATED)
-                logits.update(zip(active, rows, strict=True))
-        texts = []
-        for seq, (context, prompt, out) in enumerate(
-            zip(contexts, prompts, generated, strict=True)
-        ):
+        texts: list[str] = [""] * len(prompts)
+
+        def step(seqs: list[int], logits: np.ndarray) -> list[int]:
+            """Choose each sequence's next token; the sequences still generating."""
+            tokens = self._next_tokens(logits, kwargs)
             if self._observer is not None:
-                self._observer.finished(seq, context, prompt, out)
-            text = self.tok_decode([t for t in out if t not in self._eog])
-            for stop in until:
-                text = text.split(stop)[0]
-            texts.append(text)
+                self._observer.chose(seqs, logits, tokens)
+            going = []
+            for seq, token in zip(seqs, tokens, strict=True):
+                out = generated[seq]
+                out.append(token)
+                if (
+                    ends_response(out, self._eog, until, self.tok_decode)
+                    or len(out) >= max_new
+                    or len(prompts[seq]) + len(out) >= self.max_length
+                ):
+                    texts[seq] = self._text(out, until)
+                    if self._observer is not None:
+                        self._observer.finished(seq, contexts[seq], prompts[seq], out, texts[seq])
+                else:
+                    going.append(seq)
+            return going
+
+        active = []
+        for seq, prompt in enumerate(prompts):
+            logits = self._prefill(seq, prompt, all_logits, PROMPT, copy=False)[-1:]
+            active += step([seq], logits)
+        while active:
+            positions = [len(prompts[seq]) + len(generated[seq]) - 1 for seq in active]
+            tokens = [generated[seq][-1] for seq in active]
+            rows = self._feed(
+                tokens, positions, active, [True] * len(active), GENERATED, copy=False
+            )
+            active = step(active, rows)
         return texts
+
+    def _text(self, generated: list[int], until: list[str]) -> str:
+        """The harness's answer for these tokens: end-of-generation tokens dropped, cut at the
+        first stop string."""
+        text = self.tok_decode([t for t in generated if t not in self._eog])
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
 
     # --- the harness API ---------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

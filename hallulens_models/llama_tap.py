@@ -6,7 +6,8 @@ llama.cpp names its graph tensors: `embd` is the embedding output (our layer 0) 
 (`ask=True`) and, for the nodes we claim, calls again once computed (`ask=False`): the ask phase
 is one name lookup, the copy phase one `ggml_backend_tensor_get` into numpy. llama.cpp computes
 the last layer only for tokens whose logits are requested, so callers ask for all logits when
-they need the last layer of every prompt token.
+they need the last layer of every prompt token. Token statistics come from the logits row each
+token was chosen from, reduced by `token_stats` (torch, imported only when they are asked for).
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ class GraphTap:
 
 class TapObserver:
     """A `llama_cpp_lm.DecodeObserver` that keeps the tapped rows of each sequence for the
-    token scope asked (`prompt`, `generated`, `all`, `response`) and hands a finished
-    generation's rows, [n_layers, n_tokens, n_embd] float32, to
-    `sink(context, prompt, generated, rows)`."""
+    token scope asked (`prompt`, `generated`, `all`, `response`) and, with `topk` > 0, the token
+    statistics of each chosen token (from the logits row it was chosen from, `token_stats`), and
+    hands a finished generation to `sink(context, prompt, generated, text, rows, stats)`: rows
+    [n_layers, n_tokens, n_embd] float32, stats [n_generated, 2 + 2 topk] or None."""
 
-    def __init__(self, layer_ids, n_layer: int, n_embd: int, scope: str, sink: Callable):
+    def __init__(self, layer_ids, n_layer: int, n_embd: int, scope: str, topk: int, sink: Callable):
         self._tap = GraphTap(layer_ids, n_embd)
         self._parts = {"prompt": ("prompt",), "generated": ("generated",)}.get(
             scope, ("prompt", "generated")
@@ -97,9 +99,11 @@ class TapObserver:
         # `response` keeps one prompt row: the last prompt token's, which produced the first
         # generated token (a prompt is fed in one call, so it is the last row fed)
         self._prompt_rows = 1 if scope == "response" else None
+        self._topk = topk
         self._sink = sink
         self._empty = np.empty((len(layer_ids), 0, n_embd), dtype=np.float32)
         self._rows: dict[int, list[np.ndarray]] = {}
+        self._stats: dict[int, list[np.ndarray]] = {}
         self.eval_callback = self._tap.callback
         # llama.cpp computes its last layer only for tokens whose logits are requested
         self.all_prompt_logits = "prompt" in self._parts and n_layer in layer_ids
@@ -110,6 +114,7 @@ class TapObserver:
     def fed(self, part: str | None, seqs: Sequence[int]) -> None:
         if part == "prompt":  # a prompt starts its sequence afresh
             self._rows[seqs[0]] = []
+            self._stats[seqs[0]] = []
         if part not in self._parts:
             return
         rows = self._tap.take(len(seqs))
@@ -122,7 +127,22 @@ class TapObserver:
                 self._rows[seqs[start]].append(rows[:, first:end])
                 start = end
 
-    def finished(self, seq: int, context: str, prompt: list[int], generated: list[int]) -> None:
+    def chose(self, seqs: Sequence[int], logits: np.ndarray, tokens: Sequence[int]) -> None:
+        if not self._topk:
+            return
+        import torch
+
+        from hallulens_models import token_stats
+
+        step = token_stats.summarize(torch.from_numpy(logits), self._topk)
+        rows = token_stats.rows(step, torch.tensor(tokens)).numpy()
+        for seq, row in zip(seqs, rows, strict=True):
+            self._stats[seq].append(row)
+
+    def finished(
+        self, seq: int, context: str, prompt: list[int], generated: list[int], text: str
+    ) -> None:
         parts = self._rows.pop(seq, [])
         rows = np.concatenate(parts, axis=1) if parts else self._empty
-        self._sink(context, prompt, generated, rows)
+        stats = self._stats.pop(seq, [])
+        self._sink(context, prompt, generated, text, rows, np.stack(stats) if self._topk else None)

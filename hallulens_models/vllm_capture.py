@@ -1,9 +1,9 @@
 """The front-end half of vLLM capture, shared by `hallulens-vllm` and the `vllm serve` plugin.
 
-The engine side (`vllm_worker`) keeps rows by request tag; this side decides the engine settings
-capture needs, tags requests, works out from each finished output which rows its record holds
-(the response ends where HF's would: first EOS or stop-string token), and turns the rows the
-worker hands over into `CapturedSample`s for the shared record writer.
+The engine side (`vllm_worker`) keeps rows and token statistics by request tag; this side
+decides the engine settings capture needs, tags requests, works out from each finished output
+which rows its record holds (the response ends where HF's would: first EOS or stop-string
+token), and turns what the worker hands over into `CapturedSample`s for the shared record writer.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.record import CAPTURE_DTYPE_LABELS, STORAGE_DTYPES
 from hallulens_capture.session import CapturedSample
 from hallulens_capture.spec import CaptureSpec
-from hallulens_models.vllm_worker import CONFIG_KEY, TAG
+from hallulens_models.vllm_worker import CONFIG_KEY, TAG, mapped
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def engine_settings(settings: dict, layer_ids: Sequence[int], spec: CaptureSpec)
         "layer_ids": [int(i) for i in layer_ids],
         "tokens": spec.tokens,
         "dtype": spec.dtype,
+        "topk": spec.topk,
     }
     return {"worker_cls": WORKER, "enable_prefix_caching": False, "additional_config": extra}
 
@@ -125,43 +126,54 @@ def plan(
     return RowPlan(tag_, prompt, generated[:keep], token_positions(scope, len(prompt), keep))
 
 
-def wanted(plans: Sequence[RowPlan]) -> list[list]:
-    """The collect request: [tag, first position, count] per plan (count 0 drops the rows)."""
+def wanted(plans: Sequence[RowPlan], topk: int) -> list[list]:
+    """The collect request: [tag, first position, count, generated tokens] per plan (the
+    statistics of that many generated tokens; zeros drop the request's rows)."""
     return [
-        [p.tag, int(p.positions[0]) if len(p.positions) else 0, len(p.positions)] for p in plans
+        [
+            p.tag,
+            int(p.positions[0]) if len(p.positions) else 0,
+            len(p.positions),
+            len(p.generated_token_ids) if topk else 0,
+        ]
+        for p in plans
     ]
 
 
 def samples(
     plans: Sequence[RowPlan],
     results: Sequence[list[dict]],
-    spec: CaptureSpec,
+    dtype: str,
+    topk: int,
     shape: tuple[int, int],
 ) -> list[CapturedSample]:
-    """Turn the rows the engines handed over (every rank's `collect` result: a hand-over file
-    each, or from a data-parallel replica the rows themselves) into samples."""
+    """Turn the hand-over files of every rank's `collect` result into samples. The files are
+    mapped, not read (their bytes are copied once, into the record), and unlinked at once: the
+    maps keep the data until the record is written."""
     found = {item["tag"]: item for rank in results for item in rank}
-    dtype = STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[spec.dtype]]
+    storage = np.dtype(STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[dtype]])
     layers, hidden = shape
     out = []
     for p in plans:
-        if len(p.positions):
-            item = found.get(p.tag)
-            if item is None or "missing" in item:
-                span = item["missing"] if item else "all"
+        rows = np.empty((layers, 0, hidden), dtype=storage)
+        stats = np.empty((0, 2 + 2 * topk), dtype=np.float32) if topk else None
+        if len(p.positions) or (topk and len(p.generated_token_ids)):
+            item = found.get(p.tag) or {"missing": "all"}
+            if item.get("missing") == "token statistics":
+                raise CaptureError("vLLM gave no token statistics for some tokens of a request")
+            if "missing" in item:
                 raise CaptureError(
-                    f"vLLM ran no forward pass for positions {span} of a request; "
+                    f"vLLM ran no forward pass for positions {item['missing']} of a request; "
                     "its activations are incomplete"
                 )
-            if "rows" in item:  # a replica sent every fed position: the answer's come first
-                rows = item["rows"][:, : len(p.positions)]
-            else:
-                rows = np.fromfile(item["path"], dtype=dtype).reshape(item["shape"])
-                os.unlink(item["path"])
-        else:
-            rows = np.empty((layers, 0, hidden), dtype=dtype)
+            if len(p.positions):
+                rows = mapped(item["path"], storage, 0, item["shape"])
+            if topk:
+                width = [item["stats"], 2 + 2 * topk]
+                stats = mapped(item["path"], np.dtype(np.float32), rows.nbytes, width)
+            os.unlink(item["path"])
         out.append(
-            CapturedSample(None, p.prompt_token_ids, p.generated_token_ids, p.positions, rows)
+            CapturedSample(p.prompt_token_ids, p.generated_token_ids, p.positions, rows, stats)
         )
     return out
 

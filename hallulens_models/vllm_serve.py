@@ -8,8 +8,11 @@ text; a prompt seen before gets the next `-n` suffix). Records are written by on
 thread after the response has gone out. The plugin opens no port or file beyond the store.
 
 Outside the `vllm serve` front end, or without the variable, the plugin does nothing and
-imports nothing. `HALLULENS_CAPTURE_LAYERS`, `HALLULENS_CAPTURE_TOKENS` and
-`HALLULENS_CAPTURE_DTYPE` choose what is kept (defaults as for model_args).
+imports nothing. `HALLULENS_CAPTURE_LAYERS`, `HALLULENS_CAPTURE_TOKENS`,
+`HALLULENS_CAPTURE_DTYPE` and `HALLULENS_CAPTURE_TOPK` choose what is kept (defaults as for
+model_args). The token statistics are computed in the engine's worker from the same logits the
+sampler gets, so a response, and any logprobs the client asks for, are what they would be
+without the plugin.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 ENV_LAYERS = "HALLULENS_CAPTURE_LAYERS"
 ENV_TOKENS = "HALLULENS_CAPTURE_TOKENS"
 ENV_DTYPE = "HALLULENS_CAPTURE_DTYPE"
+ENV_TOPK = "HALLULENS_CAPTURE_TOPK"
 _ENGINE_FIELDS = (
     "data_parallel_size",
     "pipeline_parallel_size",
@@ -64,7 +68,11 @@ def _spec():
 
     env = os.environ
     return CaptureSpec.from_model_args(
-        None, env.get(ENV_LAYERS), env.get(ENV_TOKENS), env.get(ENV_DTYPE)
+        None,
+        env.get(ENV_LAYERS),
+        env.get(ENV_TOKENS),
+        env.get(ENV_DTYPE),
+        capture_topk=env.get(ENV_TOPK),
     )
 
 
@@ -85,9 +93,9 @@ def _with_capture_settings(create):
             self.model, {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         )
         user = {name: getattr(self, name, None) for name in _ENGINE_FIELDS}
-        for name, value in engine_settings(
-            user, spec.layer_ids(text.num_hidden_layers), spec
-        ).items():
+        layer_ids = spec.layer_ids(text.num_hidden_layers)
+        spec.check_vocab(text.vocab_size)
+        for name, value in engine_settings(user, layer_ids, spec).items():
             setattr(self, name, value)
         log.info("recording activations of every request into %s", spec.path)
         return create(self, *args, **kwargs)
@@ -151,10 +159,11 @@ class _Recorder:
             self.tokenizer.eos_token_id,
             self.tokenizer.decode,
         )
+        topk = self.spec.topk
         results = await engine.collective_rpc(
-            capture.COLLECT, args=(capture.wanted([plan]), self.staging, False)
+            capture.COLLECT, args=(capture.wanted([plan], topk), self.staging, False)
         )
-        [sample] = capture.samples([plan], results, self.spec, self.shape)
+        [sample] = capture.samples([plan], results, self.spec.dtype, topk, self.shape)
         prompt = answer.prompt
         if prompt is None:  # a request given as token ids
             prompt = self.tokenizer.decode(plan.prompt_token_ids, skip_special_tokens=False)
@@ -179,7 +188,7 @@ class _Recorder:
     async def forget(self, engine, tag: str) -> None:
         from hallulens_models.vllm_capture import COLLECT
 
-        await engine.collective_rpc(COLLECT, args=([[tag, 0, 0]], self.staging, False))
+        await engine.collective_rpc(COLLECT, args=([[tag, 0, 0, 0]], self.staging, False))
 
     def spawn(self, work) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -13,10 +13,18 @@ Per forward step, the wrapped `_model_forward` picks the rows of tagged requests
 (asynchronous into pinned memory on CUDA). Rows are kept by absolute position (the request's
 `num_computed_tokens` at that step), so chunked prefill arrives in order-independent pieces and a
 preempted request's recomputation overwrites its earlier rows instead of duplicating them.
-`hallulens_collect` (called through `collective_rpc` after a generate call) assembles each
-request's rows and hands them over as raw files in a staging directory, so no bulk data crosses
-the engine's RPC channel. Only the first tensor-parallel rank keeps rows (the residual stream is
-replicated after each all-reduce).
+
+Token statistics (capture_topk > 0): hooks on the runner's sampler reduce the raw logits of the
+tagged requests that sample a token this step (not partial prefill chunks) before the sampler
+runs, and add each sampled token's logprob after it (`token_stats`); one row of 2 + 2k floats
+per request and step leaves the device, keyed by the generated token's index, so recomputation
+overwrites too. What the client gets back is untouched: vLLM's own logprobs are computed from
+the same logits, which the hooks only read.
+
+`hallulens_collect` (called through `collective_rpc` as soon as a request has finished) writes
+each asked request's rows and statistics straight into a raw file in a staging directory, so no
+bulk data crosses the engine's RPC channel. Only the first tensor-parallel rank keeps rows (the
+residual stream is replicated after each all-reduce).
 """
 
 from __future__ import annotations
@@ -27,23 +35,32 @@ import numpy as np
 import torch
 
 from hallulens_capture.errors import CaptureError
-from hallulens_models.hf_tap import TORCH_DTYPES, to_storage
+from hallulens_capture.record import CAPTURE_DTYPE_LABELS, STORAGE_DTYPES
+from hallulens_models import token_stats
+from hallulens_models.hf_tap import TORCH_DTYPES, storage_view
 
-CONFIG_KEY = "hallulens_capture"  # in vLLM's additional_config: layer_ids, tokens, dtype
+CONFIG_KEY = "hallulens_capture"  # in vLLM's additional_config: layer_ids, tokens, dtype, topk
 TAG = "hallulens_tag"  # in SamplingParams.extra_args: the request's capture id
 
 
 class LayerRows:
-    """Collects the aux hidden states of tagged requests, step by step, on one worker."""
+    """Collects the aux hidden states and token statistics of tagged requests, step by step, on
+    one worker."""
 
-    def __init__(self, runner, layer_ids: list[int], tokens: str, dtype: str) -> None:
+    def __init__(self, runner, layer_ids: list[int], tokens: str, dtype: str, topk: int) -> None:
         self._runner = runner
         self._layers = len(layer_ids)
         self._tokens = tokens
         self._dtype = TORCH_DTYPES[dtype]
+        self._storage = np.dtype(STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[dtype]])
+        self._topk = topk
         # per request, in arrival order: (first position, host tensor [layers, rows, hidden])
         self._rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        self._events: list[torch.cuda.Event] = []
+        # per request, in arrival order: (generated token index, host row [2 + 2k])
+        self._stats: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        # this step's sampled rows of tagged requests: batch indexes, (tag, generated index)
+        self._sampling: tuple[torch.Tensor, list[tuple[str, int]]] | None = None
+        self._step: token_stats.StepStats | None = None
         self._pinned = runner.device.type == "cuda"
 
     def _span(self, state) -> tuple[int, float]:
@@ -56,16 +73,20 @@ class LayerRows:
         return first, float("inf")
 
     def take(self, aux: list[torch.Tensor]) -> None:
-        """Keep this step's rows of tagged requests (called right after the model's forward)."""
+        """Keep this step's rows of tagged requests (called right after the model's forward),
+        and note which of them the sampler will give a token (not a partial prefill chunk)."""
         if len(aux) != self._layers:
             raise CaptureError(f"the model returned {len(aux)} aux layers, expected {self._layers}")
         runner = self._runner
         batch = runner.input_batch
         n = batch.num_reqs
+        self._sampling = None
         if not n:
             return
         starts = runner.query_start_loc.np[: n + 1]
+        discard = runner.discard_request_mask.np[:n]
         picks: list[tuple[str, int, int, int]] = []  # tag, first position, first row, rows
+        sampled: list[tuple[int, str, int]] = []  # batch index, tag, generated token index
         for i, req_id in enumerate(batch.req_ids[:n]):
             state = runner.requests.get(req_id)
             params = getattr(state, "sampling_params", None)
@@ -73,67 +94,118 @@ class LayerRows:
             if tag is None:
                 continue
             computed, count = int(batch.num_computed_tokens_cpu[i]), int(starts[i + 1] - starts[i])
+            if self._topk and not discard[i]:
+                sampled.append((i, tag, computed + count - len(state.prompt_token_ids)))
             lo, hi = self._span(state)
             first, last = max(computed, lo), min(computed + count, hi)
             if first < last:
                 picks.append((tag, first, int(starts[i]) + first - computed, int(last - first)))
+        if sampled:
+            index = torch.tensor([i for i, _, _ in sampled], device=aux[0].device)
+            self._sampling = index, [(tag, j) for _, tag, j in sampled]
         if not picks:
             return
         index = np.concatenate([np.arange(row, row + k) for _, _, row, k in picks])
         index_t = torch.from_numpy(index).to(aux[0].device)
-        rows = torch.stack([h.index_select(0, index_t) for h in aux]).to(self._dtype)
-        if self._pinned:
-            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-            host.copy_(rows, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._events.append(event)
-            rows = host
+        rows = self._to_host(torch.stack([h.index_select(0, index_t) for h in aux]).to(self._dtype))
         offset = 0
         for tag, first, _, k in picks:
             self._rows.setdefault(tag, []).append((first, rows[:, offset : offset + k]))
             offset += k
 
+    def before_sampling(self, module, args, kwargs) -> None:
+        """The raw logits of the sampled tagged requests, reduced before the sampler (which may
+        change them in place) runs."""
+        if self._sampling is not None:
+            logits = kwargs["logits"] if "logits" in kwargs else args[0]
+            self._step = token_stats.summarize(
+                logits.index_select(0, self._sampling[0]), self._topk
+            )
+
+    def after_sampling(self, module, args, output) -> None:
+        """Each sampled token's statistics, one row per request, leave the device together."""
+        if self._step is None or self._sampling is None:
+            return
+        index, places = self._sampling
+        chosen = output.sampled_token_ids.index_select(0, index)[:, 0]
+        rows = self._to_host(token_stats.rows(self._step, chosen))
+        for (tag, j), row in zip(places, rows, strict=True):
+            self._stats.setdefault(tag, []).append((j, row))
+        self._sampling = self._step = None
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """One asynchronous copy into pinned memory on CUDA (`collect` waits for them all)."""
+        if not self._pinned:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
+
     def collect(self, wanted: list[list], directory: str, forget_others: bool) -> list[dict]:
-        """Write the rows `[tag, first position, count]` asks for, one raw file per request
-        (count 0 just forgets the request's rows). `forget_others` also drops every request not
-        asked for: after an offline generate call those are leftovers (aborted requests); a
-        server has others still running. A request missing a row is reported, never padded.
+        """Hand over what `[tag, first position, count, generated tokens]` asks for, one raw
+        file per request written in place (no staging copy): the rows of `count` positions from
+        `first` (later chunks, recomputation after preemption, overwrite earlier ones), then the
+        token statistics of the first generated tokens. Zeros just forget the request.
+        `forget_others` also drops every request not asked for: after an offline generate call
+        those are leftovers (aborted requests); a server has others still running. A request
+        missing a row is reported, never padded.
         """
-        for event in self._events:
-            event.synchronize()
-        self._events.clear()
+        if self._pinned:
+            torch.cuda.current_stream().synchronize()  # the copies into pinned memory
         out = []
-        for tag, first, count in wanted:
-            chunks = self._rows.pop(tag, [])
-            if not count:
+        width = 2 + 2 * self._topk
+        for tag, first, count, n_tokens in wanted:
+            chunks, stats = self._rows.pop(tag, []), self._stats.pop(tag, [])
+            if not count and not n_tokens:
                 continue
-            hidden = chunks[0][1].shape[-1] if chunks else 0
-            data = torch.empty((self._layers, count, hidden), dtype=self._dtype)
-            filled = np.zeros(count, dtype=np.int32)
-            for start, chunk in chunks:  # later chunks (recomputation) overwrite earlier ones
-                a, b = max(start, first), min(start + chunk.shape[1], first + count)
-                if a < b:
-                    data[:, a - first : b - first] = chunk[:, a - start : b - start]
-                    filled[a - first : b - first] += 1
-            if not filled.all():
-                missing = np.flatnonzero(filled == 0) + first
-                out.append({"tag": tag, "missing": [int(missing[0]), int(missing[-1])]})
-                continue
+            shape = [self._layers, count, chunks[0][1].shape[-1] if chunks else 0]
             path = os.path.join(directory, f"{tag}.bin")
-            to_storage(data).tofile(path)
-            recomputed = int((filled > 1).sum())
+            acts_bytes = int(np.prod(shape)) * self._storage.itemsize
+            with open(path, "wb+") as f:
+                f.truncate(acts_bytes + n_tokens * width * 4)
+                acts = mapped(f, self._storage, 0, shape, "r+")
+                filled = np.zeros(count, dtype=np.int32)
+                for start, chunk in chunks:
+                    a, b = max(start, first), min(start + chunk.shape[1], first + count)
+                    if a < b:
+                        acts[:, a - first : b - first] = storage_view(
+                            chunk[:, a - start : b - start]
+                        )
+                        filled[a - first : b - first] += 1
+                table = mapped(f, np.dtype(np.float32), acts_bytes, [n_tokens, width], "r+")
+                known = np.zeros(n_tokens, dtype=bool)
+                for j, row in stats:  # in step order: a recomputed token's row overwrites
+                    if j < n_tokens:
+                        table[j], known[j] = row.numpy(), True
+                del acts, table  # unmapped: the data is in the file
+            if not filled.all() or not known.all():
+                os.unlink(path)
+                missing = np.flatnonzero(filled == 0) + first
+                where = [int(missing[0]), int(missing[-1])] if len(missing) else "token statistics"
+                out.append({"tag": tag, "missing": where})
+                continue
             out.append(
                 {
                     "tag": tag,
                     "path": path,
-                    "shape": [self._layers, count, hidden],
-                    "recomputed": recomputed,
+                    "shape": shape,
+                    "stats": n_tokens,
+                    "recomputed": int((filled > 1).sum()),
                 }
             )
         if forget_others:
             self._rows.clear()
+            self._stats.clear()
         return out
+
+
+def mapped(file, dtype: np.dtype, offset: int, shape: list[int], mode: str = "r") -> np.ndarray:
+    """A map of part of a file (a path or an open file): the worker writes the hand-over files
+    through one, the front end reads them through one (numpy cannot map zero bytes: an empty
+    array then)."""
+    if not np.prod(shape):
+        return np.empty(shape, dtype)
+    return np.memmap(file, dtype, mode, offset, tuple(shape))
 
 
 def _install(worker) -> None:
@@ -145,7 +217,15 @@ def _install(worker) -> None:
     runner = worker.model_runner
     missing = [
         name
-        for name in ("input_batch", "query_start_loc", "requests", "_model_forward", "get_model")
+        for name in (
+            "input_batch",
+            "query_start_loc",
+            "requests",
+            "_model_forward",
+            "get_model",
+            "discard_request_mask",
+            "sampler",
+        )
         if not hasattr(runner, name)
     ]
     model = runner.get_model() if not missing else None
@@ -166,7 +246,11 @@ def _install(worker) -> None:
 
     if get_tp_group().rank_in_group != 0:
         return
-    rows = LayerRows(runner, layer_ids, config["tokens"], config["dtype"])
+    topk = int(config.get("topk", 0))
+    rows = LayerRows(runner, layer_ids, config["tokens"], config["dtype"], topk)
+    if topk:  # the sampler is plain eager code, outside any compiled graph
+        runner.sampler.register_forward_pre_hook(rows.before_sampling, with_kwargs=True)
+        runner.sampler.register_forward_hook(rows.after_sampling)
     forward = runner._model_forward
 
     def _model_forward(*args, **kwargs):

@@ -5,13 +5,15 @@ import pytest
 from conftest import report
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from reference import compare_record
+from reference import NO_TOKENS, compare_record, compare_token_stats
 
 from hallulens_capture import open_store, record_key
 from hallulens_capture.errors import CaptureConfigError, StoreError
 from hallulens_capture.keys import share_of
+from hallulens_capture.report import check_record
 from hallulens_models.hf_lm import HalluLensHFLM
 
+HF_TOKEN_ERROR = 2e-4  # measured up to 4e-5 (fp32 batched generate vs one fp32 forward)
 PROMPTS = [
     "The capital of France is",
     "Write one sentence about the sea, the sky and the wind that moves over the waves:",
@@ -55,7 +57,7 @@ def test_float32_capture_equals_forward_pass(tmp_path, reference_model, plain_ou
         assert len(store) == len(PROMPTS)
         lengths = {len(store[record_key(p)].prompt_token_ids) for p in PROMPTS}
         assert len(lengths) == len(PROMPTS)  # unequal prompts: left padding differs per row
-        worst = 0.0
+        worst, tokens = 0.0, NO_TOKENS
         for prompt, text in zip(PROMPTS, outputs, strict=True):
             record = store[record_key(prompt)]
             assert record.response == text and record.prompt == prompt
@@ -63,8 +65,18 @@ def test_float32_capture_equals_forward_pass(tmp_path, reference_model, plain_ou
             agreement = compare_record(record, reference_model)
             assert agreement.rows == record.shape[1] * 31
             worst = max(worst, agreement.max_rel_error)
+            assert check_record(record) == [] and record.capture_topk == 20
+            # greedy decoding: every generated token is the top-1 alternative
+            np.testing.assert_array_equal(record.topk_ids[:, 0], record.generated_token_ids)
+            tokens = tokens.worst(compare_token_stats(record, reference_model))
     report(f"hf float32 capture, batch {batch_size}", f"max relative error {worst:.2e}")
+    report(
+        f"hf token statistics, batch {batch_size}",
+        f"{tokens.tokens} tokens, max abs error: logprob {tokens.logprob:.1e}, entropy "
+        f"{tokens.entropy:.1e}, top-20 logprobs {tokens.topk:.1e}",
+    )
     assert worst < 1e-4
+    assert max(tokens.logprob, tokens.entropy, tokens.topk) < HF_TOKEN_ERROR
 
 
 def test_float16_storage_cosine(tmp_path, reference_model):

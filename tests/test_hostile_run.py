@@ -368,7 +368,7 @@ def test_misspelled_option_and_empty_subtask_through_lm_eval(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "lm-eval-hallulens: error: unknown capture option capture_layer=5; did you mean "
         "capture_layers? (capture options: activations, capture_layers, capture_tokens, "
-        "capture_dtype, map_size_gb, capture_shard)"
+        "capture_dtype, map_size_gb, capture_shard, capture_topk)"
     )
     (tmp_path / "data" / "nonsense_mixed_entities").mkdir(parents=True)
     medicine = {"prompt": "What is quenoxil?", "name": "quenoxil", "type": "medicine"}

@@ -1,0 +1,134 @@
+"""`CaptureLLM`: vLLM's offline `LLM` handing over each capturing request as soon as it finishes.
+
+`LLM.generate` steps the engine until every request is done. `CaptureLLM` looks at the outputs
+of each step: for the requests this plugin tagged that finished in it, it works out which rows
+their records hold (`vllm_capture.plan`), has the worker hand them over in one
+`collective_rpc` (files in a staging directory, mapped by this process, not copied) and gives
+each `CapturedSample` to `on_finished`, while the engine goes on with the other requests. So
+a record is written while the rest of its batch still generates, and no call holds more than
+its running requests' rows in the worker. Chunked prefill, preemption and tensor parallel work
+as in the worker (rows by absolute position, the first rank keeps them).
+
+`hallulens-vllm` builds its engine as a `CaptureLLM` and writes each record from
+`on_finished`. With `data_parallel_size` > 1 the harness runs replicas as Ray tasks (maybe on
+other nodes, where no path of the front end's machine exists): there `on_finished` hangs each
+sample on its `RequestOutput`, and Ray carries it back with the outputs (numpy arrays out of
+band), for the front end to write: the store keeps one writer, on the front end's machine.
+`capture_engine` has the harness build `CaptureLLM` wherever it builds `LLM`: the replica
+function finds `LLM` among its module's globals when Ray ships it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import weakref
+from collections.abc import Callable, Iterator
+
+from vllm import LLM
+
+from hallulens_capture.session import CapturedSample
+from hallulens_models import vllm_capture as capture
+from hallulens_models.vllm_worker import CONFIG_KEY, TAG
+
+log = logging.getLogger(__name__)
+
+SAMPLE = "hallulens_sample"  # RequestOutput attribute: the request's CapturedSample
+Finished = Callable[[object, object, CapturedSample], None]  # (RequestOutput, params, sample)
+
+
+def attach(output, params, sample: CapturedSample) -> None:
+    """The default `on_finished`: the sample travels with its output."""
+    setattr(output, SAMPLE, sample)
+
+
+class CaptureLLM(LLM):
+    """vLLM's `LLM` whose tagged requests are collected as each finishes (module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # the front end sets this for its own engines; a replica on a Ray cluster started
+        # elsewhere does not inherit the front end's environment
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        super().__init__(*args, **kwargs)
+        self.on_finished: Finished = attach
+        self._tagged: dict[str, object] = {}  # request id -> SamplingParams, until finished
+        self._config = (self.llm_engine.vllm_config.additional_config or {}).get(CONFIG_KEY)
+        if not self._config:
+            return
+        self._staging = capture.staging_dir()
+        weakref.finalize(self, shutil.rmtree, self._staging, True)
+        hidden = self.llm_engine.vllm_config.model_config.get_hidden_size()
+        self._shape = (len(self._config["layer_ids"]), hidden)
+        self._tokenizer = self.get_tokenizer()
+        self.recomputed = 0  # rows computed again after preemption, kept once
+        step = self.llm_engine.step  # `generate` steps the engine through this attribute
+
+        def step_and_collect():
+            outputs = step()
+            done = [o for o in outputs if o.finished and o.request_id in self._tagged]
+            if done:
+                self._collect(done)
+            return outputs
+
+        self.llm_engine.step = step_and_collect
+
+    def _add_request(self, prompt, params, *args, **kwargs) -> str:
+        request_id = super()._add_request(prompt, params, *args, **kwargs)
+        if self._config and TAG in (getattr(params, "extra_args", None) or {}):
+            self._tagged[request_id] = params
+        return request_id
+
+    def generate(self, *args, **kwargs):
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            if self._config and self._tagged:  # aborted: the worker forgets their rows
+                self._tagged.clear()
+                self.collective_rpc(capture.COLLECT, args=([], self._staging, True))
+            if self._config and self.recomputed:
+                log.info(
+                    "%d captured rows were computed again after preemption (kept once)",
+                    self.recomputed,
+                )
+                self.recomputed = 0
+
+    def _collect(self, outputs: list) -> None:
+        """Hand the finished requests' rows over in one call; each sample to `on_finished`."""
+        params = [self._tagged.pop(o.request_id) for o in outputs]
+        config, tokenizer = self._config, self._tokenizer
+        plans = [
+            capture.plan(
+                p.extra_args[TAG],
+                o.prompt_token_ids,
+                o.outputs[0],
+                p,
+                config["tokens"],
+                tokenizer.eos_token_id,
+                tokenizer.decode,
+            )
+            for o, p in zip(outputs, params, strict=True)
+        ]
+        topk = int(config.get("topk", 0))
+        results = self.collective_rpc(
+            capture.COLLECT, args=(capture.wanted(plans, topk), self._staging, False)
+        )
+        self.recomputed += capture.recomputed(results)
+        samples = capture.samples(plans, results, config["dtype"], topk, self._shape)
+        for output, p, sample in zip(outputs, params, samples, strict=True):
+            self.on_finished(output, p, sample)
+
+
+@contextlib.contextmanager
+def capture_engine() -> Iterator[None]:
+    """Have the harness build `CaptureLLM` where it builds `LLM` (its own engine in `__init__`,
+    its data-parallel replicas in each generate call)."""
+    from lm_eval.models import vllm_causallms
+
+    original = vllm_causallms.LLM
+    vllm_causallms.LLM = CaptureLLM
+    try:
+        yield
+    finally:
+        vllm_causallms.LLM = original
