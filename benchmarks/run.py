@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench_capture.py",
     "bench_gguf.py",
     "bench_vllm.py",
+    "bench_token_stats.py",
     "bench_judge.py",
     "bench_retrieval.py",
     "bench_analysis.py",

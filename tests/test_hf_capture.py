@@ -77,6 +77,8 @@ def test_float32_capture_equals_forward_pass(tmp_path, reference_model, plain_ou
     )
     assert worst < 1e-4
     assert max(tokens.logprob, tokens.entropy, tokens.topk) < HF_TOKEN_ERROR
+    shifted = compare_token_stats(record, reference_model, shift=1)  # the check can fail
+    assert shifted.logprob > 0.1 and shifted.topk > 0.1, shifted
 
 
 def test_float16_storage_cosine(tmp_path, reference_model):
@@ -192,3 +194,74 @@ def test_job_array_shares_then_one_run_without_capture_shard(tmp_path, plain_out
     final = backend(path, 3)
     assert final.generate_until(requests(PROMPTS)) == plain_outputs
     assert final._capture.written == 0
+
+
+def test_token_statistics_off_and_a_store_from_before_them(tmp_path, capsys):
+    """capture_topk=0 stores no token statistics; a store whose records predate them (no
+    capture_topk field) is resumed only without them, and the refusal says so."""
+    from hallulens_capture.record import TOKEN_STATS, encode_record
+    from hallulens_capture.store import ActivationStore
+    from hallulens_tasks.cli import main
+
+    prompts = PROMPTS[:2]
+    off = backend(tmp_path / "off", 2, capture_topk=0)
+    texts = off.generate_until(requests(prompts))
+    with open_store(tmp_path / "off") as store:
+        records = [store[record_key(p)] for p in prompts]
+        for record in records:
+            assert record.capture_topk == 0 and check_record(record) == []
+            assert all(record.tensor(name) is None for name in TOKEN_STATS)
+            assert record.generated_logprobs is None and record.topk_ids is None
+        # the same records as an earlier release wrote them: no capture_topk field
+        with ActivationStore(tmp_path / "old", writable=True) as old:
+            for record in records:
+                meta = {k: v for k, v in record.metadata.items() if k != "capture_topk"}
+                index = {name: getattr(record, name) for name in ("layer_ids", "token_positions")}
+                index["prompt_token_ids"] = record.prompt_token_ids
+                index["generated_token_ids"] = record.generated_token_ids
+                acts = record.all_layers_activations
+                old.put(record_key(record.prompt), encode_record(acts, "F16", index, meta))
+    assert main(["activations", "show", record_key(prompts[0]), str(tmp_path / "old")]) == 0
+    assert "token statistics: none (capture_topk=0)" in capsys.readouterr().out
+    with pytest.raises(StoreError, match=r"predate token statistics: capture_topk=0 resumes it"):
+        backend(tmp_path / "old", 2).generate_until(requests(prompts))
+    resumed = backend(tmp_path / "old", 2, capture_topk=0)
+    assert resumed.generate_until(requests(prompts)) == texts and resumed._capture.written == 0
+
+
+def test_show_prints_the_token_statistics_and_verify_checks_them(tmp_path, capsys):
+    from hallulens_capture.record import GENERATED_LOGPROBS, TOPK_LOGPROBS, encode_record
+    from hallulens_capture.store import ActivationStore
+    from hallulens_tasks.cli import main
+
+    backend(tmp_path / "s", 1, capture_topk=5).generate_until(requests(PROMPTS[:1]))
+    key = record_key(PROMPTS[0])
+    assert main(["activations", "show", key, str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    with open_store(tmp_path / "s") as store:
+        record = store[key]
+        assert record.topk_ids.shape == (len(record.generated_token_ids), 5)
+        lp, entropy = record.generated_logprobs, record.generated_entropy
+        first = f"{record.generated_token_ids[0]:>6}  {lp[0]:>8.3f}  {entropy[0]:>7.3f}"
+        assert "token statistics: top-5 per generated token" in out and first in out
+        assert f"mean logprob {lp.mean():.3f}" in out
+        # the same record with a generated token's logprob changed, and with the top-k unsorted
+        index = {
+            name: getattr(record, name)
+            for name in ("layer_ids", "token_positions", "prompt_token_ids", "generated_token_ids")
+        }
+        stats = {name: record.tensor(name).copy() for name in record._tensors if "top" in name}
+        stats[GENERATED_LOGPROBS] = lp - 0.5
+        stats["generated_entropy"] = entropy
+        unsorted = dict(stats, **{GENERATED_LOGPROBS: lp})
+        unsorted[TOPK_LOGPROBS] = stats[TOPK_LOGPROBS][:, ::-1].copy()
+        acts, meta = record.all_layers_activations, record.metadata
+        bad = {"shifted": stats, "unsorted": unsorted}
+        with ActivationStore(tmp_path / "bad", writable=True) as out_store:
+            for name, optional in bad.items():
+                value = encode_record(acts, "F16", index, {**meta, "prompt": name}, None, optional)
+                out_store.put(record_key(name), value)
+    assert main(["activations", "verify", str(tmp_path / "bad")]) == 1
+    found = capsys.readouterr().out
+    assert "generated_logprobs disagree with topk_logprobs" in found
+    assert "topk_logprobs are not <= 0 and sorted" in found

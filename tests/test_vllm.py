@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 from conftest import lm_eval_run, report
-from reference import compare_record
+from reference import NO_TOKENS, compare_record, compare_token_stats
 
 from hallulens_capture import open_store
 from hallulens_capture.errors import HalluLensError
@@ -26,12 +26,22 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM per in-proces
 ENGINE = "dtype=float32,gpu_memory_utilization=0.2,enforce_eager=True,max_model_len=128"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 MAX_REL_ERROR = 1e-4  # measured 1e-5 .. 3e-5 (fp32 engine vs fp32 HF)
+TOKEN_ERROR = 1e-3  # token statistics, max abs error vs the fp32 HF pass
 
 
 def check_against_hf(store, reference_model, name: str) -> None:
-    worst, lowest, rows = 0.0, 1.0, 0
+    """Activations and token statistics of every record against the HF pass; both checks
+    also run one layer / one position off, where they must fail."""
+    worst, lowest, rows, stats = 0.0, 1.0, 0, NO_TOKENS
     for key in store:
         record = store[key]
+        tokens = compare_token_stats(record, reference_model)
+        assert max(tokens.logprob, tokens.entropy, tokens.topk) < TOKEN_ERROR, (key, tokens)
+        shifted = compare_token_stats(record, reference_model, shift=1)
+        assert len(record.generated_token_ids) < 2 or shifted.logprob > 0.1, (key, shifted)
+        # greedy decoding: each generated token is its step's most likely one
+        np.testing.assert_array_equal(record.topk_ids[:, 0], record.generated_token_ids)
+        stats = stats.worst(tokens)
         right = compare_record(record, reference_model)
         wrong = compare_record(record, reference_model, layer_shift=1)
         assert right.rows > 0 and right.min_cosine >= 0.999, (key, right)
@@ -43,7 +53,10 @@ def check_against_hf(store, reference_model, name: str) -> None:
             rows + right.rows,
         )
     report(
-        name, f"{len(store)} records, {rows} rows: max rel error {worst:.2e}, min cos {lowest:.9f}"
+        name,
+        f"{len(store)} records, {rows} rows: max rel error {worst:.2e}, min cos {lowest:.9f}; "
+        f"{stats.tokens} tokens: max abs error logprob {stats.logprob:.1e}, entropy "
+        f"{stats.entropy:.1e}, top-20 {stats.topk:.1e}",
     )
 
 

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import report
-from reference import compare_record
+from reference import NO_TOKENS, compare_record, compare_token_stats
 
 from hallulens_capture import open_store
 from hallulens_capture.keys import record_key
@@ -80,16 +81,20 @@ def test_vllm_serve_records_every_request(tmp_path, smollm2_dir, reference_model
         sockets = listening(server.pid)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         messages = [{"role": "user", "content": "What is the capital of France?"}]
-        chats = [
-            client.chat.completions.create(
-                model="smollm2", messages=messages, max_tokens=20, temperature=0
-            )
-            for _ in range(2)
-        ]
-        stream = client.completions.create(
-            model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+        ask = {"model": "smollm2", "max_tokens": 20, "temperature": 0}
+        # the same chat twice: without, then with the client asking for logprobs
+        plain_chat = client.chat.completions.create(messages=messages, **ask)
+        chat = client.chat.completions.create(
+            messages=messages, logprobs=True, top_logprobs=5, **ask
         )
-        streamed = "".join(chunk.choices[0].text for chunk in stream)
+        story = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 12}
+        streamed = "".join(
+            chunk.choices[0].text
+            for chunk in client.completions.create(temperature=0, stream=True, **story)
+        )
+        streamed_logprobs = []  # the same, streamed with logprobs: one entry per token
+        for chunk in client.completions.create(temperature=0, stream=True, logprobs=3, **story):
+            streamed_logprobs += chunk.choices[0].logprobs.token_logprobs
         stopped = client.completions.create(
             model="smollm2", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"]
         )
@@ -97,7 +102,7 @@ def test_vllm_serve_records_every_request(tmp_path, smollm2_dir, reference_model
         while time.monotonic() < deadline:
             if store_path.exists():
                 with open_store(store_path) as store:
-                    if len(store) >= 4:
+                    if len(store) >= 5:
                         break
             time.sleep(0.5)
     finally:
@@ -113,20 +118,42 @@ def test_vllm_serve_records_every_request(tmp_path, smollm2_dir, reference_model
         messages, tokenize=False, add_generation_prompt=True
     )
     with open_store(store_path) as store:
-        assert len(store) == 4
+        assert len(store) == 5
         first, second = store[record_key(chat_prompt)], store[record_key(chat_prompt, 1)]
-        assert first.response == second.response == chats[0].choices[0].message.content
-        story = store[record_key("Once upon a time")]
-        assert story.response == streamed and len(story.generated_token_ids) == 12
+        text = plain_chat.choices[0].message.content
+        assert first.response == second.response == chat.choices[0].message.content == text
+        told = [entry.logprob for entry in chat.choices[0].logprobs.content]
+        check_client_logprobs(second, told)
+        top = chat.choices[0].logprobs.content[0].top_logprobs
+        np.testing.assert_allclose([t.logprob for t in top], second.topk_logprobs[0, :5], atol=1e-4)
+        tale, retold = (
+            store[record_key("Once upon a time")],
+            store[record_key("Once upon a time", 1)],
+        )
+        assert tale.response == retold.response == streamed and len(tale.generated_token_ids) == 12
+        check_client_logprobs(retold, streamed_logprobs)
         counted = store[record_key("1, 2, 3, 4,")]
         assert counted.response == stopped.choices[0].text and " 7" not in counted.response
         assert " 7" in tokenizer.decode(counted.generated_token_ids)  # ends at the stop token
-        worst = 0.0
+        worst, stats = 0.0, NO_TOKENS
         for key in store:
             record = store[key]
             assert record.backend == "vllm" and record.model == "smollm2"
             right = compare_record(record, reference_model)
             assert right.min_cosine >= 0.999 and right.max_rel_error < 1e-4, (key, right)
             assert compare_record(record, reference_model, layer_shift=1).min_cosine < 0.9
-            worst = max(worst, right.max_rel_error)
-    report("vllm serve capture", f"4 requests recorded, max rel error vs HF {worst:.2e}")
+            tokens = compare_token_stats(record, reference_model)
+            assert max(tokens.logprob, tokens.entropy, tokens.topk) < 1e-3, (key, tokens)
+            worst, stats = max(worst, right.max_rel_error), stats.worst(tokens)
+    report(
+        "vllm serve capture",
+        f"5 requests recorded, max rel error vs HF {worst:.2e}; token statistics max abs error "
+        f"logprob {stats.logprob:.1e}, entropy {stats.entropy:.1e}, top-20 {stats.topk:.1e}",
+    )
+
+
+def check_client_logprobs(record, told: list[float]) -> None:
+    """The logprobs vLLM gave the client are the record's: capture changed nothing it returns
+    (the record's own agree with the HF pass), and the record has one per generated token."""
+    assert len(told) == len(record.generated_token_ids)
+    np.testing.assert_allclose(told, record.generated_logprobs, atol=1e-4)

@@ -1,0 +1,125 @@
+"""Token statistics: activation capture with ÷ without them (capture_topk=20 vs 0), per engine.
+
+Both sides capture the same layers (all 31, float16, generated tokens) into fresh stores; only
+`capture_topk` differs, so the ratio is what the logprob, entropy and top-20 of every generated
+token add on top of activation capture. The workloads are those of `bench_capture` (HF, batches
+1, 4, 16), `bench_vllm` (16 prompts, 64 new tokens) and `bench_gguf` (one sequence at a time).
+Runs alternate; every run uses fresh prompts (the store resumes stored ones).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import bench_capture
+import bench_gguf
+import bench_vllm
+from common import save, side_by_side, table
+
+TOPK = 20
+
+
+def hf(tmp: str, tags, batches, new_tokens: int, repeats: int) -> list[dict]:
+    rows = []
+    for batch in batches:
+        lms = {
+            k: bench_capture.backend(batch, activations=f"{tmp}/hf-{batch}-{k}", capture_topk=k)
+            for k in (TOPK, 0)
+        }
+
+        def call(k: int, batch=batch, lms=lms) -> None:
+            lms[k].generate_until(bench_capture.requests(batch, new_tokens, f"t{next(tags)}-"))
+
+        with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats)
+        rows.append(row("hf", f"batch {batch}, {new_tokens} tokens", with_s, without_s))
+        del lms
+        gc.collect()
+    return rows
+
+
+def vllm(tmp: str, tags, repeats: int) -> list[dict]:
+    from hallulens_models.vllm_lm import HalluLensVLLM
+
+    _, new_tokens, length = bench_vllm.WORKLOADS["prompt+generated"]
+    lms = {
+        k: HalluLensVLLM(
+            pretrained="smollm2",
+            batch_size=16,
+            activations=f"{tmp}/vllm-{k}.lmdb",
+            capture_tokens="generated",
+            capture_topk=k,
+            **bench_vllm.ENGINE,
+        )
+        for k in (TOPK, 0)
+    }
+
+    def call(k: int) -> None:
+        lms[k].generate_until(bench_vllm.requests(new_tokens, length, f"t{next(tags)}"), True)
+
+    with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats)
+    for lm in lms.values():
+        lm.model.llm_engine.engine_core.shutdown()
+    return [row("vllm", f"16 prompts, {new_tokens} tokens", with_s, without_s)]
+
+
+def gguf(tmp: str, tags, lengths, repeats: int) -> list[dict]:
+    from hallulens_models.gguf_lm import HalluLensGGUFLM
+
+    lms = {
+        k: HalluLensGGUFLM(
+            pretrained="smollm2", n_ctx=1024, activations=f"{tmp}/gguf-{k}.lmdb", capture_topk=k
+        )
+        for k in (TOPK, 0)
+    }
+    rows = []
+    for n in lengths:
+        with_s, without_s = side_by_side(
+            lambda n=n: bench_gguf.ours(lms[TOPK], n, f"t{next(tags)}"),
+            lambda n=n: bench_gguf.ours(lms[0], n, f"t{next(tags)}"),
+            repeats,
+        )
+        rows.append(row("gguf", f"4 prompts, {n} tokens", with_s, without_s))
+    return rows
+
+
+def row(engine: str, workload: str, with_s: float, without_s: float) -> dict:
+    return {
+        "engine": engine,
+        "workload": workload,
+        "without_s": without_s,
+        "with_s": with_s,
+        "ratio": with_s / without_s,
+    }
+
+
+def run(quick: bool) -> dict[str, object]:
+    repeats = 2 if quick else 5
+    tags = iter(range(10**9))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = hf(tmp, tags, (4,) if quick else (1, 4, 16), 16 if quick else 64, repeats)
+        rows += gguf(tmp, tags, (32,) if quick else (32, 128), repeats)
+        rows += vllm(tmp, tags, repeats)
+    return {"rows": rows, "topk": TOPK, "layers": "all", "storage": "float16", "repeats": repeats}
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    result = run("--quick" in sys.argv)
+    print(
+        table(
+            f"Token statistics (SmolLM2, CPU): capture with ÷ without capture_topk={TOPK} "
+            "(all layers captured on both sides)",
+            ["engine", "workload", "without s", "with s", "ratio"],
+            [
+                [r["engine"], r["workload"], r["without_s"], r["with_s"], r["ratio"]]
+                for r in result["rows"]
+            ],
+        )
+    )
+    print(save("token_stats", result), f"({time.perf_counter() - start:.0f} s)")
