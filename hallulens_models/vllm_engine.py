@@ -73,12 +73,16 @@ class CaptureLLM(LLM):
             return outputs
 
         self.llm_engine.step = step_and_collect
+        add = self.llm_engine.add_request  # `generate` adds each request through this attribute
 
-    def _add_request(self, prompt, params, *args, **kwargs) -> str:
-        request_id = super()._add_request(prompt, params, *args, **kwargs)
-        if self._config and TAG in (getattr(params, "extra_args", None) or {}):
-            self._tagged[request_id] = params
-        return request_id
+        def add_and_note(request_id: str, prompt, params, *args, **kwargs):
+            """Note a tagged request by the id its outputs carry (the one given here: the
+            engine returns an internal id with a random suffix instead)."""
+            if TAG in (getattr(params, "extra_args", None) or {}):
+                self._tagged[request_id] = params
+            return add(request_id, prompt, params, *args, **kwargs)
+
+        self.llm_engine.add_request = add_and_note
 
     def generate(self, *args, **kwargs):
         try:

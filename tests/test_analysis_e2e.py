@@ -15,6 +15,7 @@ from conftest import report, run_cli
 from judge_server import JudgeServer
 from sklearn.metrics import roc_auc_score
 
+from hallulens_analysis.baselines import BASELINES
 from hallulens_capture import open_store
 
 pytestmark = pytest.mark.slow
@@ -120,12 +121,21 @@ def test_lm_eval_judge_label_export_probe(tmp_path, smollm2_dir):
         scores = np.array([float(r[f"{entry['reduction']}@{entry['layer']}"]) for r in rows])
         assert entry["auroc"] == pytest.approx(roc_auc_score(y, scores), abs=1e-6)
     assert (probe / "auroc_by_layer.png").stat().st_size > 10_000
+    # the records carry token statistics (capture_topk's default): the logprob baselines are
+    # scored on the same samples, each from its record's own generated-token logprobs
+    assert {b["name"] for b in result["baselines"]} == set(BASELINES)
+    with open_store(store) as records:
+        minus_mean = [-records[r["key"]].generated_logprobs.astype(np.float64).mean() for r in rows]
+    np.testing.assert_allclose(
+        [float(r["baseline:neg_mean_logprob"]) for r in rows], minus_mean, rtol=1e-5
+    )
     best = result["best"]
     counts = result["counts"]
     report(
         "e2e probe on SmolLM2, precise_wikiqa hallucinated vs correct",
         f"{counts['positive']} vs {counts['negative']}: best {best['reduction']} layer "
         f"{best['layer']} AUROC {best['auroc']:.3f} [{best['auroc_ci'][0]:.3f}, "
-        f"{best['auroc_ci'][1]:.3f}]",
+        f"{best['auroc_ci'][1]:.3f}]; baselines "
+        + ", ".join(f"{b['name']} {b['auroc']:.3f}" for b in result["baselines"]),
     )
     print(done.stdout)
