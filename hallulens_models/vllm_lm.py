@@ -54,7 +54,9 @@ class HalluLensVLLM(CaptureMixin, VLLM):
             super().__init__(pretrained=pretrained, **kwargs)
         if spec is None:
             return
-        if self.model is not None:  # one engine in this process: records as requests finish
+        # one engine in this process (data-parallel replicas are built per call): its records
+        # are written as its requests finish
+        if getattr(self, "model", None) is not None:
             self.model.on_finished = self._request_finished
         self._contexts: dict[tuple[int, ...], str] = {}
         self._run = uuid.uuid4().hex[:12]

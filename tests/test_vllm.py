@@ -26,7 +26,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM per in-proces
 ENGINE = "dtype=float32,gpu_memory_utilization=0.2,enforce_eager=True,max_model_len=128"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 MAX_REL_ERROR = 1e-4  # measured 1e-5 .. 3e-5 (fp32 engine vs fp32 HF)
-TOKEN_ERROR = 1e-3  # token statistics, max abs error vs the fp32 HF pass
+TOKEN_ERROR = 3e-4  # token statistics vs the fp32 HF pass: measured max abs error 2e-5 .. 7e-5
 
 
 def check_against_hf(store, reference_model, name: str) -> None:

@@ -143,7 +143,7 @@ def test_vllm_serve_records_every_request(tmp_path, smollm2_dir, reference_model
             assert right.min_cosine >= 0.999 and right.max_rel_error < 1e-4, (key, right)
             assert compare_record(record, reference_model, layer_shift=1).min_cosine < 0.9
             tokens = compare_token_stats(record, reference_model)
-            assert max(tokens.logprob, tokens.entropy, tokens.topk) < 1e-3, (key, tokens)
+            assert max(tokens.logprob, tokens.entropy, tokens.topk) < 3e-4, (key, tokens)
             worst, stats = max(worst, right.max_rel_error), stats.worst(tokens)
     report(
         "vllm serve capture",
