@@ -135,11 +135,11 @@ def test_line_separators_inside_strings_do_not_split_rows(tmp_path, monkeypatch)
 def stored_run(tmp_path: Path, task: str, prompts: list[str]) -> Path:
     """A store written by the real writer with one record per prompt of `task`."""
     path = tmp_path / "acts.lmdb"
-    spec = CaptureSpec.from_model_args(str(path), capture_tokens="prompt")
+    spec = CaptureSpec.from_model_args(str(path), capture_tokens="prompt", capture_topk=0)
     session = CaptureSession(spec, [0, 1], "m", backend="test")
     for doc_id, prompt in enumerate(prompts):
         acts = np.full((2, 3, 8), doc_id, dtype=np.float16)
-        sample = CapturedSample(prompt, [1, 2, 3], [4], np.arange(3, dtype=np.int32), acts)
+        sample = CapturedSample([1, 2, 3], [4], np.arange(3, dtype=np.int32), acts)
         session.write(record_key(prompt), SampleRequest(prompt, {}, task, doc_id), "r", sample)
     session.close()
     return path

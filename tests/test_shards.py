@@ -196,6 +196,7 @@ def session(path, shard=None, job=None):
         str(path),
         capture_tokens="prompt",
         capture_shard=None if job is None else f"{job[0]}/{job[1]}",
+        capture_topk=0,
         environ={},
     )
     return CaptureSession(spec, [0, 1], "m", backend="test", shard=shard)
@@ -206,7 +207,7 @@ def capture(s: CaptureSession, prompts):
     for key, prompt, text in zip(keys, prompts, stored, strict=True):
         if text is None:
             acts = np.full((2, 1, 8), len(prompt), dtype=np.float16)
-            captured = CapturedSample(None, [1], [2], np.arange(1, dtype=np.int32), acts)
+            captured = CapturedSample([1], [2], np.arange(1, dtype=np.int32), acts)
             s.write(key, SampleRequest(prompt), f"answer to {prompt}", captured)
     s.finish()
     return keys, stored

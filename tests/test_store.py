@@ -132,13 +132,15 @@ from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequ
 from hallulens_capture.spec import CaptureSpec
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
-spec = CaptureSpec.from_model_args({path!r}, capture_tokens="prompt", map_size_gb=1 / 1024)
+spec = CaptureSpec.from_model_args(
+    {path!r}, capture_tokens="prompt", map_size_gb=1 / 1024, capture_topk=0
+)
 session = CaptureSession(spec, [0, 1], "m", backend="test")
 queued = 0
 try:
     for i in range(100):
         acts = np.full((2, 48, 1024), i, dtype=np.float16)
-        sample = CapturedSample(None, list(range(48)), [1], np.arange(48, dtype=np.int32), acts)
+        sample = CapturedSample(list(range(48)), [1], np.arange(48, dtype=np.int32), acts)
         session.write(f"k{{i:03d}}", SampleRequest(f"prompt {{i}}"), f"r{{i}}", sample)
         queued += 1
     session.flush()
@@ -345,13 +347,15 @@ def test_writing_labels_needs_an_existing_store(tmp_path):
 
 def session_write(path, model, backend, n, caplog, run=0):
     """Capture run `run` of `n` one-token prompts; returns the warnings it logged."""
-    spec = CaptureSpec.from_model_args(str(path), capture_tokens="prompt", environ={})
+    spec = CaptureSpec.from_model_args(
+        str(path), capture_tokens="prompt", capture_topk=0, environ={}
+    )
     session = CaptureSession(spec, [0, 1], model, backend=backend)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hallulens_capture.session"):
         for i in range(n):
             acts = np.full((2, 1, 8), i, dtype=np.float16)
-            captured = CapturedSample(None, [i], [1], np.arange(1, dtype=np.int32), acts)
+            captured = CapturedSample([i], [1], np.arange(1, dtype=np.int32), acts)
             request = SampleRequest(f"{model} run {run} prompt {i}")
             session.write(record_key(request.prompt), request, "r", captured)
         session.close()
