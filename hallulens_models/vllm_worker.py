@@ -118,9 +118,7 @@ class LayerRows:
         change them in place) runs."""
         if self._sampling is not None:
             logits = kwargs["logits"] if "logits" in kwargs else args[0]
-            self._step = token_stats.summarize(
-                logits.index_select(0, self._sampling[0]), self._topk
-            )
+            self._step = token_stats.summarize(logits, self._topk, self._sampling[0])
 
     def after_sampling(self, module, args, output) -> None:
         """Each sampled token's statistics, one row per request, leave the device together."""
