@@ -4,12 +4,14 @@ Both sides capture the same layers (all 31, float16, generated tokens) into fres
 `capture_topk` differs, so the ratio is what the logprob, entropy and top-20 of every generated
 token add on top of activation capture. The workloads are those of `bench_capture` (HF, batches
 1, 4, 16), `bench_vllm` (16 prompts, 64 new tokens) and `bench_gguf` (one sequence at a time).
-Runs alternate; every run uses fresh prompts (the store resumes stored ones).
+Runs alternate; every run uses fresh prompts (the store resumes stored ones), the same on both
+sides (each side has its own store), so both generate the same tokens.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import sys
 import tempfile
@@ -33,10 +35,13 @@ def hf(tmp: str, tags, batches, new_tokens: int, repeats: int) -> list[dict]:
             for k in (TOPK, 0)
         }
 
-        def call(k: int, batch=batch, lms=lms) -> None:
-            lms[k].generate_until(bench_capture.requests(batch, new_tokens, f"t{next(tags)}-"))
+        sides = paired(tags)
 
-        with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats)
+        def call(k: int, batch=batch, lms=lms, sides=sides) -> None:
+            prefix = f"t{next(sides[k])}-"
+            lms[k].generate_until(bench_capture.requests(batch, new_tokens, prefix))
+
+        with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats, warm=True)
         rows.append(row("hf", f"batch {batch}, {new_tokens} tokens", with_s, without_s))
         del lms
         gc.collect()
@@ -59,10 +64,12 @@ def vllm(tmp: str, tags, repeats: int) -> list[dict]:
         for k in (TOPK, 0)
     }
 
-    def call(k: int) -> None:
-        lms[k].generate_until(bench_vllm.requests(new_tokens, length, f"t{next(tags)}"), True)
+    sides = paired(tags)
 
-    with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats)
+    def call(k: int) -> None:
+        lms[k].generate_until(bench_vllm.requests(new_tokens, length, f"t{next(sides[k])}"), True)
+
+    with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats, warm=True)
     for lm in lms.values():
         lm.model.llm_engine.engine_core.shutdown()
     return [row("vllm", f"16 prompts, {new_tokens} tokens", with_s, without_s)]
@@ -79,13 +86,22 @@ def gguf(tmp: str, tags, lengths, repeats: int) -> list[dict]:
     }
     rows = []
     for n in lengths:
+        sides = paired(tags)
         with_s, without_s = side_by_side(
-            lambda n=n: bench_gguf.ours(lms[TOPK], n, f"t{next(tags)}"),
-            lambda n=n: bench_gguf.ours(lms[0], n, f"t{next(tags)}"),
+            lambda n=n, s=sides: bench_gguf.ours(lms[TOPK], n, f"t{next(s[TOPK])}"),
+            lambda n=n, s=sides: bench_gguf.ours(lms[0], n, f"t{next(s[0])}"),
             repeats,
+            warm=True,
         )
         rows.append(row("gguf", f"4 prompts, {n} tokens", with_s, without_s))
     return rows
+
+
+def paired(tags) -> dict[int, itertools.count]:
+    """One tag sequence per side, both the same: the i-th call of each side gets the same
+    prompts (different prompts generate different lengths, the noise this removes)."""
+    first = next(tags) * 1000
+    return {k: itertools.count(first) for k in (TOPK, 0)}
 
 
 def row(engine: str, workload: str, with_s: float, without_s: float) -> dict:

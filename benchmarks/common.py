@@ -38,9 +38,12 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def side_by_side(
-    a: Callable[[], object], b: Callable[[], object], repeats: int
+    a: Callable[[], object], b: Callable[[], object], repeats: int, warm: bool = False
 ) -> tuple[float, float]:
-    """Median seconds of a and b, run alternately so that machine noise hits both alike."""
+    """Median seconds of a and b, run alternately so that machine noise hits both alike;
+    `warm` runs each once untimed first (lazy initialisation, first-call compilation)."""
+    if warm:
+        a(), b()
     ta, tb = [], []
     for i in range(repeats):
         first, second = (a, b) if i % 2 == 0 else (b, a)

@@ -161,7 +161,7 @@ class Recording(StepLog):
         self._dtype = tap.dtype
         self._prefill_rows = prefill_rows
         self._keep_decode = keep_decode
-        self._topk = topk
+        self._reducer = token_stats.Reducer(topk)
         self._on_tokens = on_tokens
         self._block: torch.Tensor | None = None  # this step's layers: host, or device on CUDA
         self._pending: token_stats.StepStats | None = None  # last step's, awaiting its tokens
@@ -190,7 +190,7 @@ class Recording(StepLog):
 
     def after_step(self, module, args, output) -> None:
         logits = output.logits if hasattr(output, "logits") else output[0]
-        self._pending = token_stats.summarize(logits[:, -1], self._topk)
+        self._pending = self._reducer.summarize(logits[:, -1])
 
     def close(self, last_tokens: torch.Tensor) -> None:
         """The tokens the last step chose (generate never feeds them back)."""

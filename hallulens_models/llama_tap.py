@@ -100,6 +100,7 @@ class TapObserver:
         # generated token (a prompt is fed in one call, so it is the last row fed)
         self._prompt_rows = 1 if scope == "response" else None
         self._topk = topk
+        self._reduction = None  # a token_stats.Reduction, made when the first logits come
         self._sink = sink
         self._empty = np.empty((len(layer_ids), 0, n_embd), dtype=np.float32)
         self._rows: dict[int, list[np.ndarray]] = {}
@@ -134,15 +135,23 @@ class TapObserver:
 
         from hallulens_models import token_stats
 
-        step = token_stats.summarize(torch.from_numpy(logits), self._topk)
-        rows = token_stats.rows(step, torch.tensor(tokens)).numpy()
-        for seq, row in zip(seqs, rows, strict=True):
-            self._stats[seq].append(row)
+        if self._reduction is None:
+            self._reduction = token_stats.Reduction(self._topk, threaded=True)
+        self._reduction.load(torch.from_numpy(logits))  # llama.cpp's buffer: copied now
+        targets = [self._stats[seq] for seq in seqs]
+
+        def done(rows: torch.Tensor) -> None:
+            for target, row in zip(targets, rows.numpy(), strict=True):
+                target.append(row)
+
+        self._reduction.reduce(torch.tensor(tokens), done)
 
     def finished(
         self, seq: int, context: str, prompt: list[int], generated: list[int], text: str
     ) -> None:
         parts = self._rows.pop(seq, [])
         rows = np.concatenate(parts, axis=1) if parts else self._empty
+        if self._reduction is not None:
+            self._reduction.wait()
         stats = self._stats.pop(seq, [])
         self._sink(context, prompt, generated, text, rows, np.stack(stats) if self._topk else None)

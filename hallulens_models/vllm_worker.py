@@ -14,12 +14,13 @@ Per forward step, the wrapped `_model_forward` picks the rows of tagged requests
 `num_computed_tokens` at that step), so chunked prefill arrives in order-independent pieces and a
 preempted request's recomputation overwrites its earlier rows instead of duplicating them.
 
-Token statistics (capture_topk > 0): hooks on the runner's sampler reduce the raw logits of the
-tagged requests that sample a token this step (not partial prefill chunks) before the sampler
-runs, and add each sampled token's logprob after it (`token_stats`); one row of 2 + 2k floats
-per request and step leaves the device, keyed by the generated token's index, so recomputation
-overwrites too. What the client gets back is untouched: vLLM's own logprobs are computed from
-the same logits, which the hooks only read.
+Token statistics (capture_topk > 0): a hook before the runner's sampler copies the raw logits of
+the tagged requests that sample a token this step (not partial prefill chunks), one after it
+reduces them with the sampled tokens (`token_stats.Reduction`: on a CPU worker on a helper
+thread while the engine goes on); one row of 2 + 2k floats per request and step leaves the
+device, keyed by the generated token's index, so recomputation overwrites too. What the
+client gets back is untouched: vLLM's own logprobs are computed from the same logits, which the
+hooks only read.
 
 `hallulens_collect` (called through `collective_rpc` as soon as a request has finished) writes
 each asked request's rows and statistics straight into a raw file in a staging directory, so no
@@ -60,8 +61,9 @@ class LayerRows:
         self._stats: dict[str, list[tuple[int, torch.Tensor]]] = {}
         # this step's sampled rows of tagged requests: batch indexes, (tag, generated index)
         self._sampling: tuple[torch.Tensor, list[tuple[str, int]]] | None = None
-        self._step: token_stats.StepStats | None = None
         self._pinned = runner.device.type == "cuda"
+        self._reduction = token_stats.Reduction(topk, threaded=not self._pinned) if topk else None
+        self._loaded = False  # this step's sampled rows are in the reduction
 
     def _span(self, state) -> tuple[int, float]:
         """Positions this request keeps: the prompt, the fed generated tokens, both, or (for
@@ -116,20 +118,24 @@ class LayerRows:
     def before_sampling(self, module, args, kwargs) -> None:
         """The raw logits of the sampled tagged requests, reduced before the sampler (which may
         change them in place) runs."""
-        if self._sampling is not None:
+        if self._sampling is not None and self._reduction is not None:
             logits = kwargs["logits"] if "logits" in kwargs else args[0]
-            self._step = token_stats.summarize(logits, self._topk, self._sampling[0])
+            self._reduction.load(logits, self._sampling[0])
+            self._loaded = True
 
     def after_sampling(self, module, args, output) -> None:
         """Each sampled token's statistics, one row per request, leave the device together."""
-        if self._step is None or self._sampling is None:
+        if not self._loaded or self._sampling is None:
             return
         index, places = self._sampling
         chosen = output.sampled_token_ids.index_select(0, index)[:, 0]
-        rows = self._to_host(token_stats.rows(self._step, chosen))
-        for (tag, j), row in zip(places, rows, strict=True):
-            self._stats.setdefault(tag, []).append((j, row))
-        self._sampling = self._step = None
+
+        def done(rows: torch.Tensor) -> None:
+            for (tag, j), row in zip(places, self._to_host(rows), strict=True):
+                self._stats.setdefault(tag, []).append((j, row))
+
+        self._reduction.reduce(chosen, done)
+        self._sampling, self._loaded = None, False
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """One asynchronous copy into pinned memory on CUDA (`collect` waits for them all)."""
@@ -148,6 +154,8 @@ class LayerRows:
         those are leftovers (aborted requests); a server has others still running. A request
         missing a row is reported, never padded.
         """
+        if self._reduction is not None:
+            self._reduction.wait()  # steps still being reduced off the engine's thread
         if self._pinned:
             torch.cuda.current_stream().synchronize()  # the copies into pinned memory
         out = []
