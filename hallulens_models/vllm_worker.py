@@ -8,8 +8,10 @@ torch.compile and CUDA graphs, no eager mode needed. Each aux entry is `hidden +
 numbering as is.
 
 Per forward step, the wrapped `_model_forward` picks the rows of tagged requests
-(`SamplingParams.extra_args[TAG]`) by `query_start_loc`, gathers them on the device in one
-`index_select` per layer, converts them to the storage dtype and starts one copy to host
+(`SamplingParams.extra_args[TAG]`) by `query_start_loc`, copies them on the device into one
+block in the storage dtype (one slice per layer when they sit side by side, as a prefill's and
+the decode rows of a batch of tagged requests do; an `index_select` otherwise) and starts one
+copy to host
 (asynchronous into pinned memory on CUDA). Rows are kept by absolute position (the request's
 `num_computed_tokens` at that step), so chunked prefill arrives in order-independent pieces and a
 preempted request's recomputation overwrites its earlier rows instead of duplicating them.
@@ -30,6 +32,7 @@ residual stream is replicated after each all-reduce).
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -107,16 +110,37 @@ class LayerRows:
             self._sampling = index, [(tag, j) for _, tag, j in sampled]
         if not picks:
             return
-        index = np.concatenate([np.arange(row, row + k) for _, _, row, k in picks])
-        index_t = torch.from_numpy(index).to(aux[0].device)
-        rows = self._to_host(torch.stack([h.index_select(0, index_t) for h in aux]).to(self._dtype))
+        rows = self._to_host(self._gather(aux, picks))
         offset = 0
         for tag, first, _, k in picks:
             self._rows.setdefault(tag, []).append((first, rows[:, offset : offset + k]))
             offset += k
 
+    def _gather(
+        self, aux: list[torch.Tensor], picks: list[tuple[str, int, int, int]]
+    ) -> torch.Tensor:
+        """The picked rows of every layer, [layers, rows, hidden] in the storage dtype, each
+        copied once: a prefill of tagged requests is one run of rows (a slice, converted as it
+        is copied; so are the decode rows of requests that sit side by side in the batch);
+        scattered rows are gathered first."""
+        first_row = picks[0][2]
+        count = sum(k for *_, k in picks)
+        adjacent = all(a[2] + a[3] == b[2] for a, b in itertools.pairwise(picks))
+        out = torch.empty(
+            (len(aux), count, aux[0].shape[-1]), dtype=self._dtype, device=aux[0].device
+        )
+        if adjacent:
+            for layer, h in zip(out, aux, strict=True):
+                layer.copy_(h[first_row : first_row + count])
+            return out
+        index = np.concatenate([np.arange(row, row + k) for _, _, row, k in picks])
+        index_t = torch.from_numpy(index).to(aux[0].device)
+        for layer, h in zip(out, aux, strict=True):
+            layer.copy_(h.index_select(0, index_t))
+        return out
+
     def before_sampling(self, module, args, kwargs) -> None:
-        """The raw logits of the sampled tagged requests, reduced before the sampler (which may
+        """The raw logits of the sampled tagged requests, copied before the sampler (which may
         change them in place) runs."""
         if self._sampling is not None and self._reduction is not None:
             logits = kwargs["logits"] if "logits" in kwargs else args[0]
