@@ -169,8 +169,10 @@ class Reducer:
 def _reducing_thread() -> None:
     """A helper thread reduces alone (torch's thread count is per thread) on any CPU the process
     may use: an engine may have bound its own threads to cores (vLLM's CPU worker), and a
-    thread inherits its creator's binding."""
-    torch.set_num_threads(1)
+    thread inherits its creator's binding. (vLLM's CPU worker replaces `torch.set_num_threads`
+    with a warning: it is called only where the thread count is not 1 already.)"""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
     # no affinity call on this system, or a cpuset that refuses: the inherited binding stays
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
