@@ -161,10 +161,11 @@ class Recording(StepLog):
         self._dtype = tap.dtype
         self._prefill_rows = prefill_rows
         self._keep_decode = keep_decode
-        self._reducer = token_stats.Reducer(topk)
+        # HF's model already keeps every core busy on the CPU: reduced inline
+        self._reduction = token_stats.Reduction(topk, threaded=False)
         self._on_tokens = on_tokens
         self._block: torch.Tensor | None = None  # this step's layers: host, or device on CUDA
-        self._pending: token_stats.StepStats | None = None  # last step's, awaiting its tokens
+        self._pending = False  # last step's logits are loaded, awaiting its tokens
 
     def grab(self, lid: int, hidden: torch.Tensor) -> None:
         step, length = len(self.lengths), hidden.shape[1]
@@ -190,16 +191,17 @@ class Recording(StepLog):
 
     def after_step(self, module, args, output) -> None:
         logits = output.logits if hasattr(output, "logits") else output[0]
-        self._pending = self._reducer.summarize(logits[:, -1])
+        self._reduction.load(logits[:, -1])
+        self._pending = True
 
     def close(self, last_tokens: torch.Tensor) -> None:
         """The tokens the last step chose (generate never feeds them back)."""
         self._chosen(last_tokens)
 
     def _chosen(self, tokens: torch.Tensor) -> None:
-        if self._pending is not None:
-            self.stats.append(_to_host(token_stats.rows(self._pending, tokens)))
-            self._pending = None
+        if self._pending:
+            self._reduction.reduce(tokens, lambda rows: self.stats.append(_to_host(rows)))
+            self._pending = False
         self._on_tokens(tokens)
 
 

@@ -5,12 +5,13 @@ the model outputs, before temperature, top-k/top-p, repetition penalties or any 
 step a sampler applies. It is the same on every engine (vLLM calls it `raw_logprobs`), so a
 record's numbers depend neither on the engine nor on the sampling settings that chose its tokens.
 
-A step's logits block [n, vocab] is reduced on its own device: `Reducer.summarize` keeps the
-entropy and the top-k (and the shifted logits, until the chosen tokens are known: a sampler may
-change the logits in place, and some engines reveal the chosen token only at the next step),
-`rows` adds each chosen token's logprob and packs one float32 row per token, [logprob, entropy,
-k top logprobs, k top ids] (`hallulens_capture.record.token_stat_tensors` unpacks them). Only
-these rows, 2 + 2k values per token, ever leave the device.
+A step's logits block [n, vocab] is reduced on its own device by a `Reduction` (every engine's
+way in): `load` copies the step's rows (a sampler may change the logits in place, an engine may
+reuse its buffer), `reduce` computes the entropy and the top-k once the chosen tokens are known
+(some engines reveal them only at the next step) with each chosen token's logprob, packed as
+one float32 row per token, [logprob, entropy, k top logprobs, k top ids]
+(`hallulens_capture.record.token_stat_tensors` unpacks them). Only these rows, 2 + 2k values per
+token, ever leave the device.
 """
 
 from __future__ import annotations
@@ -115,12 +116,6 @@ class Reducer:
         ):
             kept = self._buffers[name] = torch.empty((rows, vocab), dtype=dtype, device=like.device)
         return kept[:rows]
-
-    def summarize(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> StepStats:
-        """Entropy and top-k of each row of `logits` [n, vocab] (the rows `index` picks, if
-        given) under its float32 softmax: `load`, then `reduce`."""
-        self.load(logits, index)
-        return self.reduce()
 
     @on_calling_thread
     def load(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> None:

@@ -25,6 +25,20 @@ def reference(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tenso
     )
 
 
+def reduced(
+    x: torch.Tensor,
+    chosen: torch.Tensor,
+    index: torch.Tensor | None = None,
+    reduction: token_stats.Reduction | None = None,
+) -> torch.Tensor:
+    """One step through an inline Reduction, as HF and vLLM on CUDA use it."""
+    reduction = reduction or token_stats.Reduction(K, threaded=False)
+    reduction.load(x, index)
+    got: list[torch.Tensor] = []
+    reduction.reduce(chosen, got.append)
+    return got[0].double()
+
+
 def logits_rows(n: int, vocab: int, scale: float, seed: int) -> torch.Tensor:
     rng = torch.Generator().manual_seed(seed)
     return torch.randn(n, vocab, generator=rng) * scale
@@ -38,7 +52,7 @@ def test_rows_match_float64_reference(vocab: int, scale: float) -> None:
     x[2, 3] += 12  # one peaked row
     x[3, : min(vocab // 2, vocab - K)] = float("-inf")  # masked by a processor (k stay finite)
     chosen = torch.tensor([0, vocab - 1, 3, vocab - 2, vocab // 3])
-    got = token_stats.rows(token_stats.Reducer(K).summarize(x), chosen).double()
+    got = reduced(x, chosen)
     want = reference(x, chosen, K)
     assert (got[:, : 2 + K] - want[:, : 2 + K]).abs().max() < 2e-5
     assert torch.equal(got[:, 2 + K :], want[:, 2 + K :])  # ids: distinct values, exact order
@@ -56,11 +70,14 @@ def test_top_is_a_full_sort_prefix_for_every_row_count() -> None:
 def test_picked_rows_and_a_changed_input_leave_the_statistics_alone() -> None:
     x = logits_rows(4, 4096, 1.5, seed=7)
     index = torch.tensor([2, 0])
-    step = token_stats.Reducer(K).summarize(x, index)
-    x.fill_(0.0)  # a sampler changing its logits in place after the reduction
+    reduction = token_stats.Reduction(K, threaded=False)
+    reduction.load(x, index)
+    x.fill_(0.0)  # a sampler changing its logits in place after the copy
     chosen = torch.tensor([5, 9])
     want = reference(logits_rows(4, 4096, 1.5, seed=7)[index], chosen, K)
-    got = token_stats.rows(step, chosen).double()
+    handed: list[torch.Tensor] = []
+    reduction.reduce(chosen, handed.append)
+    got = handed[0].double()
     assert (got[:, : 2 + K] - want[:, : 2 + K]).abs().max() < 2e-5
     assert torch.equal(got[:, 2 + K :], want[:, 2 + K :])
 
@@ -68,14 +85,14 @@ def test_picked_rows_and_a_changed_input_leave_the_statistics_alone() -> None:
 def test_one_reducer_over_steps_of_changing_size_and_dtype() -> None:
     """Kept buffers grow with the rows asked and follow the logits' dtype; each step's rows are
     read before the next step, as every engine does."""
-    reducer = token_stats.Reducer(K)
+    reduction = token_stats.Reduction(K, threaded=False)
     for step, (n, dtype) in enumerate(
         [(2, torch.float32), (16, torch.float32), (3, torch.bfloat16), (16, torch.bfloat16)]
     ):
         x = logits_rows(n + 1, 49152, 2.5, seed=step).to(dtype)
         index = torch.arange(n, 0, -1)  # every row but the first, reversed
         chosen = torch.arange(n) * 7
-        got = token_stats.rows(reducer.summarize(x, index), chosen).double()
+        got = reduced(x, chosen, index, reduction)
         want = reference(x[index].float(), chosen, K)
         assert (got[:, : 2 + K] - want[:, : 2 + K]).abs().max() < 2e-5, (n, dtype)
         # bfloat16 logits tie, and tied ids may come in any order: each id's own logprob
