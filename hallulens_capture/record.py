@@ -72,6 +72,11 @@ def data_checksum(parts: Iterable[object], kind: str = "xxh3") -> str:
     raise ValueError(f"unknown checksum kind {kind!r}")
 
 
+def storage_dtype(capture_dtype: str) -> np.dtype:
+    """The stored dtype of activations captured as `capture_dtype` (bfloat16: its uint16 bits)."""
+    return np.dtype(STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[capture_dtype]])
+
+
 def storage_from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 activations -> the stored array of capture dtype `dtype` (bfloat16 as uint16 bits,
     rounded to nearest even) for engines that hand over float32 (llama.cpp)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from hallulens_capture.errors import CaptureConfigError, CaptureError
 from hallulens_capture.positions import response_length, token_positions
-from hallulens_capture.record import CAPTURE_DTYPE_LABELS, STORAGE_DTYPES
+from hallulens_capture.record import storage_dtype
 from hallulens_capture.session import CapturedSample
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.vllm_worker import CONFIG_KEY, TAG, mapped
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TESTED_VLLM = ("0.32.0",)
 WORKER = "hallulens_models.vllm_worker.CaptureWorker"
 COLLECT = "hallulens_collect"  # the worker method collective_rpc calls
+HANDOVER_BYTES = 8 << 20  # rows the worker writes out per collect call (`handover_groups`)
 
 _REFUSED = {
     "pipeline_parallel_size": (
@@ -140,6 +141,22 @@ def wanted(plans: Sequence[RowPlan], topk: int) -> list[list]:
     ]
 
 
+def handover_groups(plans: Sequence[RowPlan], row_bytes: int) -> list[list[int]]:
+    """The plans (by index, in order) of each hand-over call: consecutive plans holding about
+    `HANDOVER_BYTES` of rows (one plan at least). One call per request would pay the engine's
+    RPC round trip each time; one call for all would leave the writer idle until the worker has
+    written every request out."""
+    groups: list[list[int]] = []
+    size = HANDOVER_BYTES
+    for i, p in enumerate(plans):
+        if size >= HANDOVER_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += len(p.positions) * row_bytes
+    return groups
+
+
 def samples(
     plans: Sequence[RowPlan],
     results: Sequence[list[dict]],
@@ -151,7 +168,7 @@ def samples(
     mapped, not read (their bytes are copied once, into the record), and unlinked at once: the
     maps keep the data until the record is written."""
     found = {item["tag"]: item for rank in results for item in rank}
-    storage = np.dtype(STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[dtype]])
+    storage = storage_dtype(dtype)
     layers, hidden = shape
     out = []
     for p in plans:

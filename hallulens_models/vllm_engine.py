@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 from vllm import LLM
 
+from hallulens_capture.record import storage_dtype
 from hallulens_capture.session import CapturedSample
 from hallulens_models import vllm_capture as capture
 from hallulens_models.vllm_worker import CONFIG_KEY, TAG
@@ -61,6 +62,7 @@ class CaptureLLM(LLM):
         weakref.finalize(self, shutil.rmtree, self._staging, True)
         hidden = self.llm_engine.vllm_config.model_config.get_hidden_size()
         self._shape = (len(self._config["layer_ids"]), hidden)
+        self._row_bytes = self._shape[0] * hidden * storage_dtype(self._config["dtype"]).itemsize
         self._tokenizer = self.get_tokenizer()
         self.recomputed = 0  # rows computed again after preemption, kept once
         step = self.llm_engine.step  # `generate` steps the engine through this attribute
@@ -99,7 +101,9 @@ class CaptureLLM(LLM):
                 self.recomputed = 0
 
     def _collect(self, outputs: list) -> None:
-        """Hand the finished requests' rows over in one call; each sample to `on_finished`."""
+        """Hand the finished requests' rows over, a few MiB per call (`capture.handover_groups`),
+        each sample to `on_finished` as its group arrives: the writer encodes and stores the
+        first records while the worker writes out the next."""
         params = [self._tagged.pop(o.request_id) for o in outputs]
         config, tokenizer = self._config, self._tokenizer
         plans = [
@@ -115,13 +119,15 @@ class CaptureLLM(LLM):
             for o, p in zip(outputs, params, strict=True)
         ]
         topk = int(config.get("topk", 0))
-        results = self.collective_rpc(
-            capture.COLLECT, args=(capture.wanted(plans, topk), self._staging, False)
-        )
-        self.recomputed += capture.recomputed(results)
-        samples = capture.samples(plans, results, config["dtype"], topk, self._shape)
-        for output, p, sample in zip(outputs, params, samples, strict=True):
-            self.on_finished(output, p, sample)
+        for group in capture.handover_groups(plans, self._row_bytes):
+            chosen = [plans[i] for i in group]
+            results = self.collective_rpc(
+                capture.COLLECT, args=(capture.wanted(chosen, topk), self._staging, False)
+            )
+            self.recomputed += capture.recomputed(results)
+            samples = capture.samples(chosen, results, config["dtype"], topk, self._shape)
+            for i, sample in zip(group, samples, strict=True):
+                self.on_finished(outputs[i], params[i], sample)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from hallulens_capture.errors import CaptureError
-from hallulens_capture.record import CAPTURE_DTYPE_LABELS, STORAGE_DTYPES
+from hallulens_capture.record import storage_dtype
 from hallulens_models import token_stats
 from hallulens_models.hf_tap import TORCH_DTYPES, storage_view
 
@@ -56,7 +56,7 @@ class LayerRows:
         self._layers = len(layer_ids)
         self._tokens = tokens
         self._dtype = TORCH_DTYPES[dtype]
-        self._storage = np.dtype(STORAGE_DTYPES[CAPTURE_DTYPE_LABELS[dtype]])
+        self._storage = storage_dtype(dtype)
         self._topk = topk
         # per request, in arrival order: (first position, host tensor [layers, rows, hidden])
         self._rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
