@@ -126,9 +126,8 @@ def encode_record(
     """
     if dtype_label not in ("F16", "BF16", "F32"):
         raise ValueError(f"unsupported activation dtype {dtype_label}")
-    arrays: list[tuple[str, str, np.ndarray]] = [
-        (ACTIVATIONS, dtype_label, np.ascontiguousarray(activations))
-    ]
+    # the activations may be a strided view (a hand-over file's rows): copied once, into place
+    arrays: list[tuple[str, str, np.ndarray]] = [(ACTIVATIONS, dtype_label, activations)]
     for name in INDEX_TENSORS:
         arrays.append((name, "I32", np.ascontiguousarray(index[name], dtype=np.int32)))
     for name, values in (optional or {}).items():
@@ -140,8 +139,8 @@ def encode_record(
             raise ValueError(f"optional tensor {name}: {array.dtype} is not float32 or int32")
         arrays.append((name, label, array))
     strings = {k: str(v) for k, v in metadata.items()}
-    if checksum:
-        strings[CHECKSUM] = data_checksum(array for _, _, array in arrays)
+    if checksum:  # a stand-in of the checksum's length, replaced once the data is in place
+        strings[CHECKSUM] = data_checksum([])
     header: dict[str, object] = {"__metadata__": strings}
     offset = 0
     for name, label, array in arrays:
@@ -153,18 +152,26 @@ def encode_record(
             "data_offsets": [offset, offset + array.nbytes],
         }
         offset += array.nbytes
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-(len(raw) + 8) % 8)
+    raw = _header_bytes(header)
     size = 8 + len(raw) + offset
     buf = scratch if scratch is not None and len(scratch) >= size else bytearray(size)
     struct.pack_into("<Q", buf, 0, len(raw))
-    buf[8 : 8 + len(raw)] = raw
     start = 8 + len(raw)
     for _, _, array in arrays:
         view = np.frombuffer(buf, dtype=array.dtype, count=array.size, offset=start)
-        view[...] = array.reshape(-1)
+        np.copyto(view.reshape(array.shape), array)
         start += array.nbytes
+    if checksum:
+        strings[CHECKSUM] = data_checksum([memoryview(buf)[8 + len(raw) : size]])
+        raw = _header_bytes(header)  # same length: the checksum's is fixed
+    buf[8 : 8 + len(raw)] = raw
     return memoryview(buf)[:size]
+
+
+def _header_bytes(header: dict[str, object]) -> bytes:
+    """The JSON header, padded with spaces so that the data starts 8-byte aligned."""
+    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-(len(raw) + 8) % 8)
 
 
 def layer_rows(key: str, stored: list[int], layers: int | Iterable[int]) -> list[int]:

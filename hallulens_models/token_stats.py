@@ -161,10 +161,11 @@ class Reducer:
         return StepStats(shifted, log_total, head)
 
 
-def _reducing_thread() -> None:
-    """A helper thread reduces alone (torch's thread count is per thread) on any CPU the process
-    may use: an engine may have bound its own threads to cores (vLLM's CPU worker), and a
-    thread inherits its creator's binding. (vLLM's CPU worker replaces `torch.set_num_threads`
+def helper_thread() -> None:
+    """A ThreadPoolExecutor's initializer for the helper threads of capture: the thread works
+    alone (torch's thread count is per thread) on any CPU the process may use: an engine may
+    have bound its own threads to cores (vLLM's CPU worker), and a thread inherits its
+    creator's binding. (vLLM's CPU worker replaces `torch.set_num_threads`
     with a warning: it is called only where the thread count is not 1 already.)"""
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
@@ -192,7 +193,7 @@ class Reduction:
         self._futures: list[Future | None] = [None] * len(self._reducers)
         self._turn = 0
         self._pool = (
-            ThreadPoolExecutor(1, "hallulens-token-stats", _reducing_thread) if threaded else None
+            ThreadPoolExecutor(1, "hallulens-token-stats", helper_thread) if threaded else None
         )
 
     def load(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -78,13 +77,6 @@ def engine_settings(settings: dict, layer_ids: Sequence[int], spec: CaptureSpec)
         "topk": spec.topk,
     }
     return {"worker_cls": WORKER, "enable_prefix_caching": False, "additional_config": extra}
-
-
-def staging_dir() -> str:
-    """Where the worker hands rows over: shared memory when the machine has it."""
-    shm = "/dev/shm"
-    where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="hallulens-vllm-", dir=where)
 
 
 def tag(params, value: str) -> None:
@@ -165,8 +157,9 @@ def samples(
     shape: tuple[int, int],
 ) -> list[CapturedSample]:
     """Turn the hand-over files of every rank's `collect` result into samples. The files are
-    mapped, not read (their bytes are copied once, into the record), and unlinked at once: the
-    maps keep the data until the record is written."""
+    mapped, not read (their bytes are copied once, into the record: the rows are a view of the
+    file's [layers, capacity, hidden]), and unlinked at once: the maps keep the data until the
+    record is written."""
     found = {item["tag"]: item for rank in results for item in rank}
     storage = storage_dtype(dtype)
     layers, hidden = shape
@@ -184,10 +177,11 @@ def samples(
                     "its activations are incomplete"
                 )
             if len(p.positions):
-                rows = mapped(item["path"], storage, 0, item["shape"])
+                at, count = item["rows"]
+                rows = mapped(item["path"], storage, 0, item["shape"])[:, at : at + count]
             if topk:
-                width = [item["stats"], 2 + 2 * topk]
-                stats = mapped(item["path"], np.dtype(np.float32), rows.nbytes, width)
+                offset, n = item["stats"]
+                stats = mapped(item["path"], np.dtype(np.float32), offset, [n, 2 + 2 * topk])
             os.unlink(item["path"])
         out.append(
             CapturedSample(p.prompt_token_ids, p.generated_token_ids, p.positions, rows, stats)

@@ -2,8 +2,8 @@
 
 `LLM.generate` steps the engine until every request is done. `CaptureLLM` looks at the outputs
 of each step: for the requests this plugin tagged that finished in it, it works out which rows
-their records hold (`vllm_capture.plan`), has the worker hand them over in one
-`collective_rpc` (files in a staging directory, mapped by this process, not copied) and gives
+their records hold (`vllm_capture.plan`), has the worker hand them over (`collective_rpc`
+calls of a few MiB each: files in shared memory, mapped by this process, not copied) and gives
 each `CapturedSample` to `on_finished`, while the engine goes on with the other requests. So
 a record is written while the rest of its batch still generates, and no call holds more than
 its running requests' rows in the worker. Chunked prefill, preemption and tensor parallel work
@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import weakref
 from collections.abc import Callable, Iterator
 
 from vllm import LLM
@@ -58,8 +56,6 @@ class CaptureLLM(LLM):
         self._config = (self.llm_engine.vllm_config.additional_config or {}).get(CONFIG_KEY)
         if not self._config:
             return
-        self._staging = capture.staging_dir()
-        weakref.finalize(self, shutil.rmtree, self._staging, True)
         hidden = self.llm_engine.vllm_config.model_config.get_hidden_size()
         self._shape = (len(self._config["layer_ids"]), hidden)
         self._row_bytes = self._shape[0] * hidden * storage_dtype(self._config["dtype"]).itemsize
@@ -92,7 +88,7 @@ class CaptureLLM(LLM):
         finally:
             if self._config and self._tagged:  # aborted: the worker forgets their rows
                 self._tagged.clear()
-                self.collective_rpc(capture.COLLECT, args=([], self._staging, True))
+                self.collective_rpc(capture.COLLECT, args=([], True))
             if self._config and self.recomputed:
                 log.info(
                     "%d captured rows were computed again after preemption (kept once)",
@@ -122,7 +118,7 @@ class CaptureLLM(LLM):
         for group in capture.handover_groups(plans, self._row_bytes):
             chosen = [plans[i] for i in group]
             results = self.collective_rpc(
-                capture.COLLECT, args=(capture.wanted(chosen, topk), self._staging, False)
+                capture.COLLECT, args=(capture.wanted(chosen, topk), False)
             )
             self.recomputed += capture.recomputed(results)
             samples = capture.samples(chosen, results, config["dtype"], topk, self._shape)

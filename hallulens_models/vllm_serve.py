@@ -132,7 +132,6 @@ class _Recorder:
 
     def __init__(self, engine) -> None:
         from hallulens_capture.session import CaptureSession
-        from hallulens_models.vllm_capture import staging_dir
         from hallulens_models.vllm_worker import CONFIG_KEY
 
         config = engine.vllm_config.additional_config[CONFIG_KEY]
@@ -142,7 +141,6 @@ class _Recorder:
         self.session = CaptureSession(
             self.spec, config["layer_ids"], model.served_model_name, backend="vllm"
         )
-        self.staging = staging_dir()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="hallulens-store")
         self.tokenizer = engine.tokenizer
         self.tasks: set[asyncio.Task] = set()
@@ -161,7 +159,7 @@ class _Recorder:
         )
         topk = self.spec.topk
         results = await engine.collective_rpc(
-            capture.COLLECT, args=(capture.wanted([plan], topk), self.staging, False)
+            capture.COLLECT, args=(capture.wanted([plan], topk), False)
         )
         [sample] = capture.samples([plan], results, self.spec.dtype, topk, self.shape)
         prompt = answer.prompt
@@ -188,7 +186,7 @@ class _Recorder:
     async def forget(self, engine, tag: str) -> None:
         from hallulens_models.vllm_capture import COLLECT
 
-        await engine.collective_rpc(COLLECT, args=([[tag, 0, 0, 0]], self.staging, False))
+        await engine.collective_rpc(COLLECT, args=([[tag, 0, 0, 0]], False))
 
     def spawn(self, work) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -8,13 +8,14 @@ torch.compile and CUDA graphs, no eager mode needed. Each aux entry is `hidden +
 numbering as is.
 
 Per forward step, the wrapped `_model_forward` picks the rows of tagged requests
-(`SamplingParams.extra_args[TAG]`) by `query_start_loc`, copies them on the device into one
-block in the storage dtype (one slice per layer when they sit side by side, as a prefill's and
-the decode rows of a batch of tagged requests do; an `index_select` otherwise) and starts one
-copy to host
-(asynchronous into pinned memory on CUDA). Rows are kept by absolute position (the request's
-`num_computed_tokens` at that step), so chunked prefill arrives in order-independent pieces and a
-preempted request's recomputation overwrites its earlier rows instead of duplicating them.
+(`SamplingParams.extra_args[TAG]`) by `query_start_loc` and a helper thread writes them, converted
+to the storage dtype as they are copied, into each request's hand-over file (`Handover`: a file in
+shared memory, mapped; rows by absolute position, so chunked prefill arrives in order-independent
+pieces and a preempted request's recomputation overwrites its earlier rows instead of
+duplicating them). On a CPU engine the helper reads the step's aux outputs directly (one copy of
+each row, off the engine's thread, on the core vLLM leaves to its front end); on CUDA the rows
+leave the device in one block per step, asynchronously into pinned memory, and the helper writes
+them out once the copy is done. At most two steps wait for the helper.
 
 Token statistics (capture_topk > 0): a hook before the runner's sampler copies the raw logits of
 the tagged requests that sample a token this step (not partial prefill chunks), one after it
@@ -24,16 +25,22 @@ device, keyed by the generated token's index, so recomputation overwrites too. W
 client gets back is untouched: vLLM's own logprobs are computed from the same logits, which the
 hooks only read.
 
-`hallulens_collect` (called through `collective_rpc` as soon as a request has finished) writes
-each asked request's rows and statistics straight into a raw file in a staging directory, so no
-bulk data crosses the engine's RPC channel. Only the first tensor-parallel rank keeps rows (the
-residual stream is replicated after each all-reduce).
+`hallulens_collect` (called through `collective_rpc` as soon as a request has finished) waits
+for the helper, appends the request's token statistics to its file and returns where it is, so
+no bulk data crosses the engine's RPC channel and nothing is copied on the way: the front end
+maps the file. Only the first tensor-parallel rank keeps rows (the residual stream is
+replicated after each all-reduce).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import hashlib
 import itertools
 import os
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -41,10 +48,40 @@ import torch
 from hallulens_capture.errors import CaptureError
 from hallulens_capture.record import storage_dtype
 from hallulens_models import token_stats
-from hallulens_models.hf_tap import TORCH_DTYPES, storage_view
+from hallulens_models.hf_tap import TORCH_DTYPES
 
 CONFIG_KEY = "hallulens_capture"  # in vLLM's additional_config: layer_ids, tokens, dtype, topk
 TAG = "hallulens_tag"  # in SamplingParams.extra_args: the request's capture id
+
+
+class Handover:
+    """One tagged request's hand-over file: the rows it keeps, [layers, capacity, hidden] in the
+    storage dtype, written in place as its steps run (the file is sparse: positions never
+    computed take no memory), its token statistics appended when it is collected. The front end
+    maps the file; nothing is copied on the way."""
+
+    def __init__(self, path: str, shape: list[int], storage: np.dtype, first: int) -> None:
+        self.path = path
+        self.first = first  # the position of row 0
+        self.shape = shape
+        with open(path, "wb+") as f:
+            f.truncate(int(np.prod(shape)) * storage.itemsize)
+            self.array = mapped(f, storage, 0, shape, "r+")
+        # torch writes the rows, converting as it copies (bfloat16 into the uint16 bits)
+        bf16 = storage == np.uint16
+        self.rows = torch.from_numpy(self.array.view(np.int16) if bf16 else self.array)
+        if bf16:
+            self.rows = self.rows.view(torch.bfloat16)
+        self.filled = np.zeros(shape[1], dtype=np.int32)  # times each row was written
+
+    def close(self) -> None:
+        """Unmap (the data stays in the file)."""
+        self.rows = self.array = None  # type: ignore[assignment]
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 class LayerRows:
@@ -58,8 +95,7 @@ class LayerRows:
         self._dtype = TORCH_DTYPES[dtype]
         self._storage = storage_dtype(dtype)
         self._topk = topk
-        # per request, in arrival order: (first position, host tensor [layers, rows, hidden])
-        self._rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._handovers: dict[str, Handover] = {}  # per tagged request with rows, until collected
         # per request, in arrival order: (generated token index, host row [2 + 2k])
         self._stats: dict[str, list[tuple[int, torch.Tensor]]] = {}
         # this step's sampled rows of tagged requests: batch indexes, (tag, generated index)
@@ -67,19 +103,44 @@ class LayerRows:
         self._pinned = runner.device.type == "cuda"
         self._reduction = token_stats.Reduction(topk, threaded=not self._pinned) if topk else None
         self._loaded = False  # this step's sampled rows are in the reduction
+        self._writing = ThreadPoolExecutor(1, "hallulens-rows", token_stats.helper_thread)
+        self._written: collections.deque[Future] = collections.deque()  # steps being written
 
-    def _span(self, state) -> tuple[int, float]:
+    def _span(self, state) -> tuple[int, int]:
         """Positions this request keeps: the prompt, the fed generated tokens, both, or (for
-        `response`) the fed generated tokens from the last prompt token on."""
+        `response`) the fed generated tokens from the last prompt token on. A request feeds at
+        most its prompt and max_tokens - 1 generated tokens."""
         n_prompt = len(state.prompt_token_ids or ())
         if self._tokens == "prompt":
             return 0, n_prompt
+        params = getattr(state, "sampling_params", None)
+        limit = getattr(params, "max_tokens", None) or self._runner.model_config.max_model_len
         first = {"generated": n_prompt, "response": n_prompt - 1}.get(self._tokens, 0)
-        return first, float("inf")
+        return first, n_prompt + int(limit)
+
+    def _handover(self, tag: str, state, hidden: int) -> Handover:
+        """The request's hand-over file, made at its first kept row."""
+        handover = self._handovers.get(tag)
+        if handover is None:
+            first, end = self._span(state)
+            shape = [self._layers, end - first, hidden]
+            handover = Handover(self._path(tag), shape, self._storage, first)
+            self._handovers[tag] = handover
+        return handover
+
+    @staticmethod
+    def _path(tag: str) -> str:
+        """A request's hand-over file: in shared memory when the machine has it, named by this
+        worker's pid and a digest of the tag (a server's tags hold client request ids; no
+        directory to clean up after a killed worker)."""
+        where = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        digest = hashlib.blake2b(tag.encode("utf-8"), digest_size=12).hexdigest()
+        return os.path.join(where, f"hallulens-vllm-{os.getpid()}-{digest}.bin")
 
     def take(self, aux: list[torch.Tensor]) -> None:
-        """Keep this step's rows of tagged requests (called right after the model's forward),
-        and note which of them the sampler will give a token (not a partial prefill chunk)."""
+        """Note this step's rows of tagged requests (called right after the model's forward)
+        and have them written into their hand-over files off the engine's thread; note which
+        requests the sampler will give a token (not a partial prefill chunk)."""
         if len(aux) != self._layers:
             raise CaptureError(f"the model returned {len(aux)} aux layers, expected {self._layers}")
         runner = self._runner
@@ -90,7 +151,7 @@ class LayerRows:
             return
         starts = runner.query_start_loc.np[: n + 1]
         discard = runner.discard_request_mask.np[:n]
-        picks: list[tuple[str, int, int, int]] = []  # tag, first position, first row, rows
+        picks: list[tuple[Handover, int, int, int]] = []  # file, first row there, batch row, rows
         sampled: list[tuple[int, str, int]] = []  # batch index, tag, generated token index
         for i, req_id in enumerate(batch.req_ids[:n]):
             state = runner.requests.get(req_id)
@@ -104,25 +165,34 @@ class LayerRows:
             lo, hi = self._span(state)
             first, last = max(computed, lo), min(computed + count, hi)
             if first < last:
-                picks.append((tag, first, int(starts[i]) + first - computed, int(last - first)))
+                handover = self._handover(tag, state, aux[0].shape[-1])
+                picks.append(
+                    (handover, first - lo, int(starts[i]) + first - computed, last - first)
+                )
         if sampled:
             index = torch.tensor([i for i, _, _ in sampled], device=aux[0].device)
             self._sampling = index, [(tag, j) for _, tag, j in sampled]
         if not picks:
             return
-        rows = self._to_host(self._gather(aux, picks))
-        offset = 0
-        for tag, first, _, k in picks:
-            self._rows.setdefault(tag, []).append((first, rows[:, offset : offset + k]))
-            offset += k
+        ready = None
+        if self._pinned:  # the step's rows leave the device in one block, into pinned memory
+            aux = list(self._to_host(self._gather(aux, picks)))
+            ready = torch.cuda.Event()
+            ready.record()
+            offset = 0
+            for j, (handover, at, _, k) in enumerate(picks):
+                picks[j] = (handover, at, offset, k)
+                offset += k
+        if len(self._written) >= 2:  # bounded: the step before the last must be written
+            self._written.popleft().result()
+        self._written.append(self._writing.submit(_write_rows, aux, picks, ready))
 
     def _gather(
-        self, aux: list[torch.Tensor], picks: list[tuple[str, int, int, int]]
+        self, aux: list[torch.Tensor], picks: list[tuple[Handover, int, int, int]]
     ) -> torch.Tensor:
-        """The picked rows of every layer, [layers, rows, hidden] in the storage dtype, each
-        copied once: a prefill of tagged requests is one run of rows (a slice, converted as it
-        is copied; so are the decode rows of requests that sit side by side in the batch);
-        scattered rows are gathered first."""
+        """On the device: the picked rows of every layer, [layers, rows, hidden] in the storage
+        dtype, one slice per layer when the rows sit side by side (a prefill, the decode rows of
+        a batch of tagged requests), gathered otherwise."""
         first_row = picks[0][2]
         count = sum(k for *_, k in picks)
         adjacent = all(a[2] + a[3] == b[2] for a, b in itertools.pairwise(picks))
@@ -169,47 +239,46 @@ class LayerRows:
         host.copy_(tensor, non_blocking=True)
         return host
 
-    def collect(self, wanted: list[list], directory: str, forget_others: bool) -> list[dict]:
-        """Hand over what `[tag, first position, count, generated tokens]` asks for, one raw
-        file per request written in place (no staging copy): the rows of `count` positions from
-        `first` (later chunks, recomputation after preemption, overwrite earlier ones), then the
-        token statistics of the first generated tokens. Zeros just forget the request.
+    def collect(self, wanted: list[list], forget_others: bool) -> list[dict]:
+        """Hand over what `[tag, first position, count, generated tokens]` asks for: the
+        request's hand-over file, whose rows from `first` on were written as its steps ran
+        (later chunks, recomputation after preemption, overwrite earlier ones), with the token
+        statistics of the first generated tokens appended. Zeros just forget the request.
         `forget_others` also drops every request not asked for: after an offline generate call
         those are leftovers (aborted requests); a server has others still running. A request
         missing a row is reported, never padded.
         """
+        while self._written:  # the steps still being written off the engine's thread
+            self._written.popleft().result()
         if self._reduction is not None:
             self._reduction.wait()  # steps still being reduced off the engine's thread
         if self._pinned:
-            torch.cuda.current_stream().synchronize()  # the copies into pinned memory
+            torch.cuda.current_stream().synchronize()  # the statistics' copies into pinned memory
         out = []
         width = 2 + 2 * self._topk
         for tag, first, count, n_tokens in wanted:
-            chunks, stats = self._rows.pop(tag, []), self._stats.pop(tag, [])
+            handover, stats = self._handovers.pop(tag, None), self._stats.pop(tag, [])
             if not count and not n_tokens:
+                if handover is not None:
+                    handover.discard()
                 continue
-            shape = [self._layers, count, chunks[0][1].shape[-1] if chunks else 0]
-            path = os.path.join(directory, f"{tag}.bin")
-            acts_bytes = int(np.prod(shape)) * self._storage.itemsize
-            with open(path, "wb+") as f:
-                f.truncate(acts_bytes + n_tokens * width * 4)
-                acts = mapped(f, self._storage, 0, shape, "r+")
-                filled = np.zeros(count, dtype=np.int32)
-                for start, chunk in chunks:
-                    a, b = max(start, first), min(start + chunk.shape[1], first + count)
-                    if a < b:
-                        acts[:, a - first : b - first] = storage_view(
-                            chunk[:, a - start : b - start]
-                        )
-                        filled[a - first : b - first] += 1
-                table = mapped(f, np.dtype(np.float32), acts_bytes, [n_tokens, width], "r+")
-                known = np.zeros(n_tokens, dtype=bool)
-                for j, row in stats:  # in step order: a recomputed token's row overwrites
-                    if j < n_tokens:
-                        table[j], known[j] = row.numpy(), True
-                del acts, table  # unmapped: the data is in the file
+            if handover is None:  # no row kept (the statistics alone, or rows missing)
+                handover = Handover(self._path(tag), [self._layers, 0, 0], self._storage, first)
+            handover.close()
+            at = first - handover.first
+            filled = handover.filled[at : at + count]
+            if len(filled) < count:
+                filled = np.concatenate([filled, np.zeros(count - len(filled), np.int32)])
+            acts_bytes = int(np.prod(handover.shape)) * self._storage.itemsize
+            os.truncate(handover.path, acts_bytes + n_tokens * width * 4)
+            table = mapped(handover.path, np.dtype(np.float32), acts_bytes, [n_tokens, width], "r+")
+            known = np.zeros(n_tokens, dtype=bool)
+            for j, row in stats:  # in step order: a recomputed token's row overwrites
+                if j < n_tokens:
+                    table[j], known[j] = row.numpy(), True
+            del table  # unmapped: the data is in the file
             if not filled.all() or not known.all():
-                os.unlink(path)
+                handover.discard()
                 missing = np.flatnonzero(filled == 0) + first
                 where = [int(missing[0]), int(missing[-1])] if len(missing) else "token statistics"
                 out.append({"tag": tag, "missing": where})
@@ -217,16 +286,36 @@ class LayerRows:
             out.append(
                 {
                     "tag": tag,
-                    "path": path,
-                    "shape": shape,
-                    "stats": n_tokens,
+                    "path": handover.path,
+                    "shape": handover.shape,
+                    "rows": [at, count],
+                    "stats": [acts_bytes, n_tokens],
                     "recomputed": int((filled > 1).sum()),
                 }
             )
         if forget_others:
-            self._rows.clear()
+            for handover in self._handovers.values():
+                handover.discard()
+            self._handovers.clear()
             self._stats.clear()
         return out
+
+
+@torch.inference_mode()  # the engine's tensors are inference tensors (vLLM runs in that mode)
+def _write_rows(
+    source: list[torch.Tensor],
+    picks: list[tuple[Handover, int, int, int]],
+    ready: torch.cuda.Event | None,
+) -> None:
+    """On the helper thread: each picked run of rows into its request's hand-over file,
+    converted to the storage dtype as it is copied (`source` is the step's aux outputs on a CPU
+    engine, the step's block in pinned memory on CUDA, once `ready`)."""
+    if ready is not None:
+        ready.synchronize()
+    for handover, at, row, k in picks:
+        for layer, rows in zip(handover.rows, source, strict=True):
+            layer[at : at + k].copy_(rows[row : row + k])
+        handover.filled[at : at + k] += 1
 
 
 def mapped(file, dtype: np.dtype, offset: int, shape: list[int], mode: str = "r") -> np.ndarray:
@@ -299,11 +388,9 @@ class CaptureWorkerMixin:
         super().load_model(*args, **kwargs)  # type: ignore[misc]
         _install(self)
 
-    def hallulens_collect(
-        self, wanted: list[list], directory: str, forget_others: bool = True
-    ) -> list[dict]:
+    def hallulens_collect(self, wanted: list[list], forget_others: bool = True) -> list[dict]:
         rows = getattr(self, "hallulens_rows", None)
-        return [] if rows is None else rows.collect(wanted, directory, forget_others)
+        return [] if rows is None else rows.collect(wanted, forget_others)
 
 
 def _worker_class() -> type:

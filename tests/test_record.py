@@ -141,6 +141,28 @@ def test_the_checksum_is_xxh3_of_the_tensor_bytes_and_safetensors_still_reads_it
     assert check_record(Record(record.key, damaged), read_values=False) == []
 
 
+def test_rows_of_a_larger_file_are_encoded_from_the_view_itself():
+    """vLLM's hand-over file holds [layers, capacity, hidden]; the record gets rows at..at+n of
+    each layer from a strided view of it, copied once into a scratch buffer that then holds a
+    record equal, byte for byte, to the one encoded from a contiguous copy."""
+    tensors = crafted.arrays(layers=3, tokens=5, hidden=4, fill=0.5)
+    index = {name: tensors[name] for name in list(tensors)[1:]}
+    meta = crafted.header(tensors)["__metadata__"]
+    rows = tensors["all_layers_activations"]
+    larger = np.full((3, 9, 4), np.float16(7.0))
+    larger[:, 2:7] = rows
+    view = larger[:, 2:7]
+    assert not view.flags.c_contiguous
+    scratch = bytearray(1 << 16)  # larger than the record, with stale bytes after it
+    scratch[:] = b"\xff" * len(scratch)
+    encoded = encode_record(view, "F16", index, meta, scratch)
+    assert encoded.obj is scratch
+    assert bytes(encoded) == bytes(encode_record(np.ascontiguousarray(view), "F16", index, meta))
+    record = Record(crafted.key_of("crafted prompt"), bytes(encoded))
+    np.testing.assert_array_equal(record.all_layers_activations, rows)
+    assert record.checksum == record.data_checksum() and check_record(record) == []
+
+
 def test_bad_gen_kwargs_are_a_problem_not_a_traceback():
     for text in ("{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000):
         buf = crafted.edited(crafted.set_path(("__metadata__", "gen_kwargs"), text))
