@@ -8,14 +8,16 @@ torch.compile and CUDA graphs, no eager mode needed. Each aux entry is `hidden +
 numbering as is.
 
 Per forward step, the wrapped `_model_forward` picks the rows of tagged requests
-(`SamplingParams.extra_args[TAG]`) by `query_start_loc` and a helper thread writes them, converted
-to the storage dtype as they are copied, into each request's hand-over file (`Handover`: a file in
-shared memory, mapped; rows by absolute position, so chunked prefill arrives in order-independent
-pieces and a preempted request's recomputation overwrites its earlier rows instead of
-duplicating them). On a CPU engine the helper reads the step's aux outputs directly (one copy of
-each row, off the engine's thread, on the core vLLM leaves to its front end); on CUDA the rows
-leave the device in one block per step, asynchronously into pinned memory, and the helper writes
-them out once the copy is done. At most two steps wait for the helper.
+(`SamplingParams.extra_args[TAG]`) by `query_start_loc`; the rows are gathered into one block
+per step in the storage dtype (one slice per layer when they sit side by side, as a prefill's
+and the decode rows of a batch of tagged requests do) and a helper thread copies each request's
+run of rows into its hand-over file (`Handover`: a file in shared memory, mapped; rows by
+absolute position, so chunked prefill arrives in order-independent pieces and a preempted
+request's recomputation overwrites its earlier rows instead of duplicating them). On a CPU
+engine the helper does the gathering too, from the step's outputs (vLLM makes new ones each
+step), so the engine's thread only notes the rows and goes on; on CUDA the block is gathered on
+the device and leaves it asynchronously, into pinned memory, and the helper writes it out once
+the copy is done. At most two steps wait for the helper.
 
 Token statistics (capture_topk > 0): a hook before the runner's sampler copies the raw logits of
 the tagged requests that sample a token this step (not partial prefill chunks), one after it
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -48,7 +51,7 @@ import torch
 from hallulens_capture.errors import CaptureError
 from hallulens_capture.record import storage_dtype
 from hallulens_models import token_stats
-from hallulens_models.hf_tap import TORCH_DTYPES
+from hallulens_models.hf_tap import TORCH_DTYPES, storage_view
 
 CONFIG_KEY = "hallulens_capture"  # in vLLM's additional_config: layer_ids, tokens, dtype, topk
 TAG = "hallulens_tag"  # in SamplingParams.extra_args: the request's capture id
@@ -67,16 +70,11 @@ class Handover:
         with open(path, "wb+") as f:
             f.truncate(int(np.prod(shape)) * storage.itemsize)
             self.array = mapped(f, storage, 0, shape, "r+")
-        # torch writes the rows, converting as it copies (bfloat16 into the uint16 bits)
-        bf16 = storage == np.uint16
-        self.rows = torch.from_numpy(self.array.view(np.int16) if bf16 else self.array)
-        if bf16:
-            self.rows = self.rows.view(torch.bfloat16)
         self.filled = np.zeros(shape[1], dtype=np.int32)  # times each row was written
 
     def close(self) -> None:
         """Unmap (the data stays in the file)."""
-        self.rows = self.array = None  # type: ignore[assignment]
+        self.array = None  # type: ignore[assignment]
 
     def discard(self) -> None:
         self.close()
@@ -174,25 +172,29 @@ class LayerRows:
             self._sampling = index, [(tag, j) for _, tag, j in sampled]
         if not picks:
             return
-        ready = None
         if self._pinned:  # the step's rows leave the device in one block, into pinned memory
-            aux = list(self._to_host(self._gather(aux, picks)))
+            block = self._to_host(self._gather(aux, picks))
             ready = torch.cuda.Event()
             ready.record()
-            offset = 0
-            for j, (handover, at, _, k) in enumerate(picks):
-                picks[j] = (handover, at, offset, k)
-                offset += k
+            job = functools.partial(_write_rows, block, picks, ready)
+        else:  # the helper gathers from the step's outputs (vLLM makes new ones each step)
+            job = functools.partial(self._gather_and_write, aux, picks)
         if len(self._written) >= 2:  # bounded: the step before the last must be written
             self._written.popleft().result()
-        self._written.append(self._writing.submit(_write_rows, aux, picks, ready))
+        self._written.append(self._writing.submit(job))
+
+    @torch.inference_mode()  # the engine's outputs are inference tensors (vLLM runs in that mode)
+    def _gather_and_write(
+        self, aux: list[torch.Tensor], picks: list[tuple[Handover, int, int, int]]
+    ) -> None:
+        _write_rows(self._gather(aux, picks), picks)
 
     def _gather(
         self, aux: list[torch.Tensor], picks: list[tuple[Handover, int, int, int]]
     ) -> torch.Tensor:
-        """On the device: the picked rows of every layer, [layers, rows, hidden] in the storage
-        dtype, one slice per layer when the rows sit side by side (a prefill, the decode rows of
-        a batch of tagged requests), gathered otherwise."""
+        """The picked rows of every layer, [layers, rows, hidden] in the storage dtype, one slice
+        per layer when the rows sit side by side (a prefill, the decode rows of a batch of
+        tagged requests), gathered otherwise (on the device on CUDA, on the helper on CPU)."""
         first_row = picks[0][2]
         count = sum(k for *_, k in picks)
         adjacent = all(a[2] + a[3] == b[2] for a, b in itertools.pairwise(picks))
@@ -301,21 +303,22 @@ class LayerRows:
         return out
 
 
-@torch.inference_mode()  # the engine's tensors are inference tensors (vLLM runs in that mode)
 def _write_rows(
-    source: list[torch.Tensor],
+    block: torch.Tensor,
     picks: list[tuple[Handover, int, int, int]],
-    ready: torch.cuda.Event | None,
+    ready: torch.cuda.Event | None = None,
 ) -> None:
-    """On the helper thread: each picked run of rows into its request's hand-over file,
-    converted to the storage dtype as it is copied (`source` is the step's aux outputs on a CPU
-    engine, the step's block in pinned memory on CUDA, once `ready`)."""
+    """On the helper thread: each pick's run of rows of the step's block ([layers, rows, hidden]
+    in the storage dtype, the picks' rows in order; on CUDA in pinned memory, once `ready`) into
+    its request's hand-over file: one copy per request and step."""
     if ready is not None:
         ready.synchronize()
-    for handover, at, row, k in picks:
-        for layer, rows in zip(handover.rows, source, strict=True):
-            layer[at : at + k].copy_(rows[row : row + k])
+    rows = storage_view(block)
+    offset = 0
+    for handover, at, _, k in picks:
+        handover.array[:, at : at + k] = rows[:, offset : offset + k]
         handover.filled[at : at + k] += 1
+        offset += k
 
 
 def mapped(file, dtype: np.dtype, offset: int, shape: list[int], mode: str = "r") -> np.ndarray:
