@@ -163,7 +163,8 @@ def test_a_full_disk_reaches_the_caller_of_the_background_writer(tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     queued, written, message = result.stderr.strip().splitlines()[-1].split(" ", 2)
     assert message.startswith(f"{path}: could not write record")
-    assert 5 < int(written) <= int(queued) < 100
+    # the writer runs behind the producer: the error reaches it at a later write or at flush
+    assert 5 < int(written) <= int(queued) <= 100
     with open_store(path) as store:
         assert len(store) == int(written)
         for key in store:
