@@ -165,8 +165,8 @@ def helper_thread() -> None:
     """A ThreadPoolExecutor's initializer for the helper threads of capture: the thread works
     alone (torch's thread count is per thread) on any CPU the process may use: an engine may
     have bound its own threads to cores (vLLM's CPU worker), and a thread inherits its
-    creator's binding. (vLLM's CPU worker replaces `torch.set_num_threads`
-    with a warning: it is called only where the thread count is not 1 already.)"""
+    creator's binding. (vLLM's CPU worker replaces `torch.set_num_threads` with a warning: it
+    is called only where the thread count is not 1 already.)"""
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     # no affinity call on this system, or a cpuset that refuses: the inherited binding stays

@@ -116,11 +116,11 @@ class LayerRows:
         first = {"generated": n_prompt, "response": n_prompt - 1}.get(self._tokens, 0)
         return first, n_prompt + int(limit)
 
-    def _handover(self, tag: str, state, hidden: int) -> Handover:
-        """The request's hand-over file, made at its first kept row."""
+    def _handover(self, tag: str, span: tuple[int, int], hidden: int) -> Handover:
+        """The request's hand-over file for the positions of `span`, made at its first kept row."""
         handover = self._handovers.get(tag)
         if handover is None:
-            first, end = self._span(state)
+            first, end = span
             shape = [self._layers, end - first, hidden]
             handover = Handover(self._path(tag), shape, self._storage, first)
             self._handovers[tag] = handover
@@ -163,7 +163,7 @@ class LayerRows:
             lo, hi = self._span(state)
             first, last = max(computed, lo), min(computed + count, hi)
             if first < last:
-                handover = self._handover(tag, state, aux[0].shape[-1])
+                handover = self._handover(tag, (lo, hi), aux[0].shape[-1])
                 picks.append(
                     (handover, first - lo, int(starts[i]) + first - computed, last - first)
                 )
