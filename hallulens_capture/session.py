@@ -6,7 +6,7 @@ looks every request up in the store: a request whose record exists is not genera
 (its stored response is returned), which is how an interrupted run resumes.
 
 Checks run at once, in the caller's thread; encoding and the LMDB write run on one writer thread
-behind a queue bounded in bytes (`QUEUE_BYTES`, whatever the size of a record), so an engine goes
+behind a queue bounded in bytes (`queue_bytes()`, whatever the size of a record), so an engine goes
 on generating while records are written. Each record is one LMDB transaction: committed whole or
 not at all. `flush()` waits for the queue and raises what the writer met (a full disk, say).
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hallulens_capture.errors import CaptureError, RecordFormatError, StoreError
+from hallulens_capture.errors import CaptureConfigError, CaptureError, RecordFormatError, StoreError
 from hallulens_capture.keys import occurrence_keys, record_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import (
@@ -40,9 +40,26 @@ from hallulens_capture.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
-# bytes of captured records waiting for the writer thread before a producer waits (one record of
-# any size always gets in): what bounds capture's host memory beyond the engine's current batch
-QUEUE_BYTES = 256 << 20
+ENV_QUEUE_MB = "HALLULENS_CAPTURE_QUEUE_MB"
+
+
+def queue_bytes() -> int:
+    """Bytes of captured records that may wait for the writer thread before a producer waits (one
+    record of any size always gets in): what bounds capture's host memory beyond the engine's
+    current batch. `HALLULENS_CAPTURE_QUEUE_MB`, else an eighth of the machine's memory within
+    256 MiB..8 GiB: on a GPU host that holds a batch's records (4.4 GB for 64 answers of 256
+    tokens, all layers of an 8B model) while the engine runs the next batch."""
+    text = os.environ.get(ENV_QUEUE_MB)
+    if text is None:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return min(max(memory // 8, 256 << 20), 8 << 30)
+    try:
+        megabytes = int(text)
+    except ValueError:
+        megabytes = 0
+    if megabytes < 1:
+        raise CaptureConfigError(f"{ENV_QUEUE_MB}={text!r}: expected a whole number of MiB >= 1")
+    return megabytes << 20
 
 
 def canonical_json(value: object) -> str:
@@ -114,7 +131,8 @@ class CaptureSession:
         self.written = 0
         self._scratch = bytearray()
         self._queue: queue.Queue = queue.Queue()
-        self._queued_bytes = 0  # of records queued and not yet written, bounded by QUEUE_BYTES
+        self._queue_bytes = queue_bytes()
+        self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
         self._room = threading.Condition()
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -212,7 +230,7 @@ class CaptureSession:
             self._writer.start()
         size = acts.nbytes + sum(t.nbytes for t in optional.values())
         with self._room:
-            while self._queued_bytes and self._queued_bytes + size > QUEUE_BYTES:
+            while self._queued_bytes and self._queued_bytes + size > self._queue_bytes:
                 self._room.wait()
             self._queued_bytes += size
         self._queue.put((key, acts, index, metadata, optional, size))

@@ -92,12 +92,16 @@ class HalluLensHFLM(CaptureMixin, HFLM):
         prefill_rows = {"generated": 0, "response": 1}.get(spec.tokens)
         mask = generation_kwargs.get("attention_mask")
         batch = _Batch(self, prompts, context, mask, stop)
-        with self._tap.recording(
-            prefill_rows, spec.tokens != "prompt", spec.topk, batch.chosen
-        ) as batch.log:
-            sequences = super()._model_generate(context, max_length, stop, **generation_kwargs)
-            batch.log.close(sequences[:, -1])
-        batch.finish_rest()
+        try:
+            with self._tap.recording(
+                prefill_rows, spec.tokens != "prompt", spec.topk, batch.chosen
+            ) as batch.log:
+                sequences = super()._model_generate(context, max_length, stop, **generation_kwargs)
+                batch.log.close(sequences[:, -1])
+            batch.finish_rest()
+        finally:
+            if batch.log is not None:
+                batch.log.release()
         return sequences
 
     def response_text(self, tokens: list[int], stop: list[str]) -> str:

@@ -88,6 +88,14 @@ class StepLog:
         self._ready()
         return torch.stack([self.stats[step][row] for step in range(n_tokens)]).numpy()
 
+    def release(self) -> None:
+        """Drop the step copies once every row is read: on CUDA their pinned blocks go back to
+        torch's pinned-memory cache for the next batch at once, not when the garbage collector
+        finds the log (the caller's callback refers back to it), which left the next batch to
+        page-lock fresh memory at every step."""
+        self.blocks.clear()
+        self.stats.clear()
+
 
 class LayerTap:
     """Hooks for `layer_ids` of one model (and its logits), active only inside `recording()`."""
@@ -198,11 +206,19 @@ class Recording(StepLog):
         """The tokens the last step chose (generate never feeds them back)."""
         self._chosen(last_tokens)
 
+    def release(self) -> None:
+        super().release()
+        self._on_tokens = _no_tokens  # the caller's callback usually refers back to this log
+
     def _chosen(self, tokens: torch.Tensor) -> None:
         if self._pending:
             self._reduction.reduce(tokens, lambda rows: self.stats.append(_to_host(rows)))
             self._pending = False
         self._on_tokens(tokens)
+
+
+def _no_tokens(tokens: torch.Tensor) -> None:
+    raise CaptureError("a released recording got tokens")
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """hallulens-hf on the real SmolLM2: stored activations against an independent forward pass."""
 
+import gc
+
 import numpy as np
 import pytest
 from conftest import report
@@ -11,6 +13,7 @@ from hallulens_capture import open_store, record_key
 from hallulens_capture.errors import CaptureConfigError, StoreError
 from hallulens_capture.keys import share_of
 from hallulens_capture.report import check_record
+from hallulens_models import hf_tap
 from hallulens_models.hf_lm import HalluLensHFLM
 
 HF_TOKEN_ERROR = 2e-4  # measured up to 4e-5 (fp32 batched generate vs one fp32 forward)
@@ -149,6 +152,22 @@ def test_repeated_prompts_get_suffixed_keys_and_resume_skips_them(tmp_path):
     other = backend(tmp_path / "s", 2, capture_tokens="all")
     with pytest.raises(StoreError, match="capture_tokens='generated' \\(now 'all'\\)"):
         other.generate_until(requests(prompts))
+
+
+def test_a_batch_step_copies_are_freed_when_its_rows_are_written(tmp_path):
+    """The step log holds a batch's hidden states (pinned memory on CUDA); it must be gone when
+    generate returns, without waiting for the garbage collector: a log kept by a reference cycle
+    made the next batch allocate (and on CUDA page-lock) its copies afresh."""
+    lm = backend(tmp_path / "s", 2)
+    gc.collect()
+    gc.disable()
+    try:
+        lm.generate_until(requests(PROMPTS[:2]))
+        alive = [o for o in gc.get_objects() if isinstance(o, hf_tap.StepLog)]
+    finally:
+        gc.enable()
+    assert lm._capture.written == 2
+    assert alive == []
 
 
 def test_loglikelihood_is_the_harness_own(smollm2_dir, tmp_path):

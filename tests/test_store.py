@@ -6,6 +6,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,16 @@ from conftest import run_cli
 from store_worker import sample
 
 from hallulens_capture import open_store, record_key
-from hallulens_capture.errors import RecordFormatError, StoreError
+from hallulens_capture.errors import CaptureConfigError, RecordFormatError, StoreError
 from hallulens_capture.lmdbfile import check_data_file, read_meta
 from hallulens_capture.report import verify
-from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.session import (
+    ENV_QUEUE_MB,
+    CapturedSample,
+    CaptureSession,
+    SampleRequest,
+    queue_bytes,
+)
 from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
 
@@ -361,6 +369,71 @@ def session_write(path, model, backend, n, caplog, run=0):
             session.write(record_key(request.prompt), request, "r", captured)
         session.close()
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+HOLD_WRITE_LOCK = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], max_dbs=8)
+with env.begin(write=True):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_writer_queue_holds_at_most_its_bytes(tmp_path, monkeypatch):
+    """Records wait for the writer thread in a queue bounded in bytes: with the writer stopped
+    (another process holds the store's write lock), a producer gets no further than the bound."""
+    monkeypatch.setenv(ENV_QUEUE_MB, "1")
+    spec = CaptureSpec.from_model_args(
+        str(tmp_path / "s"), capture_tokens="prompt", capture_topk=0, environ={}
+    )
+    session = CaptureSession(spec, [0, 1], "m", backend="test")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, str(tmp_path / "s")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    queued = []
+
+    def produce() -> None:
+        for i in range(5):
+            acts = np.full((2, 100, 1024), i, dtype=np.float16)  # 400 KiB: two fit in 1 MiB
+            captured = CapturedSample([i] * 100, [1], np.arange(100, dtype=np.int32), acts)
+            request = SampleRequest(f"prompt {i}")
+            session.write(record_key(request.prompt), request, "r", captured)
+            queued.append(i)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    for _ in range(300):
+        if len(queued) >= 2:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # time enough for a third write, were there room
+    assert queued == [0, 1]
+    holder.stdin.close()
+    assert holder.wait(timeout=30) == 0
+    producer.join(timeout=60)
+    session.close()
+    assert queued == [0, 1, 2, 3, 4]
+    with open_store(tmp_path / "s") as store:
+        assert sorted(store) == sorted(record_key(f"prompt {i}") for i in range(5))
+        assert np.all(store[record_key("prompt 4")].all_layers_activations == 4)
+
+
+def test_the_writer_queue_size_setting(monkeypatch):
+    monkeypatch.delenv(ENV_QUEUE_MB, raising=False)
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024  # MemTotal
+    assert queue_bytes() == min(max(total // 8, 256 << 20), 8 << 30)
+    monkeypatch.setenv(ENV_QUEUE_MB, "64")
+    assert queue_bytes() == 64 << 20
+    for bad in ("0", "lots", "1.5"):
+        monkeypatch.setenv(ENV_QUEUE_MB, bad)
+        with pytest.raises(CaptureConfigError, match=f"HALLULENS_CAPTURE_QUEUE_MB='{bad}'"):
+            queue_bytes()
 
 
 def test_a_run_adding_a_second_kind_of_record_warns_once(tmp_path, caplog):
