@@ -4,19 +4,36 @@ SmolLM2 (float32 weights on CPU), greedy, generation forced to exactly N new tok
 (`min_new_tokens`), all 31 layers or a 4-layer subset, float16 storage, generated tokens.
 The two backends run alternately; every capture run writes into a fresh store (an existing
 record would be resumed, not generated).
+
+Hand-over (`handover`): the host side of a finished batch alone, at a size where it shows: the
+rows of B answers, each step of them in a block [33 layers, B, 1, 4096] float16 as the HF step
+log keeps them, handed to the record writer (`CaptureSession`) and synced, ÷ appending the same
+bytes to a plain file and syncing it; "producer" is the caller's time until the last row is
+queued (what a GPU waits before its next batch).
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import statistics
 import sys
 import tempfile
+import time
 from functools import partial
 
+import numpy as np
+import torch
 from common import save, side_by_side, table
 from lm_eval.api.instance import Instance
 
+from hallulens_capture.keys import record_key
+from hallulens_capture.positions import token_positions
+from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.spec import CaptureSpec
 from hallulens_models.hf_lm import HalluLensHFLM
+from hallulens_models.hf_tap import StepLog
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -87,6 +104,61 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=5) -> dict[str, object]:
     return {"rows": rows, "repeats": repeats, "storage": "float16", "tokens": "generated"}
 
 
+def handover(
+    batch: int = 16, steps: int = 128, layers: int = 33, hidden: int = 4096, repeats: int = 5
+) -> dict[str, object]:
+    """Seconds to store one finished batch's rows through the writer ÷ a plain synced file."""
+    log = StepLog(layers, hidden, torch.float16, cuda=False)
+    for step in range(1, steps + 1):
+        log.blocks[step] = torch.randn(layers, batch, 1, hidden).half()
+    positions = token_positions("generated", 2, steps)
+    nbytes = batch * (steps - 1) * layers * hidden * 2
+    times: dict[str, list[float]] = {"session": [], "plain": [], "producer": []}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+
+        def session(path: str) -> None:
+            spec = CaptureSpec.from_model_args(
+                path, capture_tokens="generated", capture_topk=0, environ={}
+            )
+            writer = CaptureSession(spec, list(range(layers)), "m", backend="hf")
+            start = time.perf_counter()
+            for row in range(batch):
+                sample = CapturedSample(
+                    [1, 2], list(range(steps)), positions, log.row(row, 0, steps - 1)
+                )
+                request = SampleRequest(f"{path} row {row}")
+                writer.write(record_key(request.prompt), request, "r", sample)
+            times["producer"].append(time.perf_counter() - start)
+            writer.close()  # flush: written and synced
+
+        def plain(path: str) -> None:
+            joined = np.empty((layers, steps - 1, hidden), np.float16)  # one reused buffer
+            with open(path, "wb") as f:
+                for row in range(batch):
+                    log.row(row, 0, steps - 1).copy_into(joined)
+                    f.write(joined.data)
+                f.flush()
+                os.fdatasync(f.fileno())
+
+        for i in range(repeats):
+            for name in ("session", "plain") if i % 2 == 0 else ("plain", "session"):
+                path = f"{tmp}/{name}{i}"
+                start = time.perf_counter()
+                (session if name == "session" else plain)(path)
+                times[name].append(time.perf_counter() - start)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    ratios = [a / b for a, b in zip(times["session"], times["plain"], strict=True)]
+    return {
+        "batch": batch,
+        "steps": steps,
+        "gb": nbytes / 1e9,
+        "session_s": statistics.median(times["session"]),
+        "plain_s": statistics.median(times["plain"]),
+        "producer_s": statistics.median(times["producer"]),
+        "ratio": statistics.median(ratios),
+    }
+
+
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     result = run(batches=(1, 4) if quick else (1, 4, 16), lengths=(16,) if quick else (16, 64))
@@ -97,6 +169,25 @@ if __name__ == "__main__":
             [
                 [r["layers"], r["batch"], r["new_tokens"], r["without_s"], r["with_s"], r["ratio"]]
                 for r in result["rows"]
+            ],
+        )
+    )
+    result["handover"] = handover(repeats=3 if quick else 5)
+    h = result["handover"]
+    print(
+        table(
+            "Hand-over of a finished batch (host side): writer ÷ plain synced file",
+            ["batch", "steps", "GB", "writer s", "plain s", "producer s", "ratio"],
+            [
+                [
+                    h["batch"],
+                    h["steps"],
+                    h["gb"],
+                    h["session_s"],
+                    h["plain_s"],
+                    h["producer_s"],
+                    h["ratio"],
+                ]
             ],
         )
     )

@@ -102,12 +102,41 @@ def token_stat_tensors(rows: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+class TokenParts:
+    """A record's activations as pieces along the token axis ([n_layers, n_i, hidden] each, one
+    dtype), joined only where the record is encoded: a backend that keeps each forward step's
+    rows hands a request's steps over as they are, instead of assembling them in fresh memory
+    first (which, per record, faults in as many new pages as it has bytes)."""
+
+    ndim = 3
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("TokenParts needs at least one part")
+        first = parts[0]
+        for part in parts:
+            alike = part.ndim == 3 and part.dtype == first.dtype
+            if not alike or (part.shape[0], part.shape[2]) != (first.shape[0], first.shape[2]):
+                raise ValueError(
+                    f"a part of shape {list(part.shape)} ({part.dtype}) does not extend one of "
+                    f"{list(first.shape)} ({first.dtype}) along the token axis"
+                )
+        self.parts = list(parts)
+        self.dtype = first.dtype
+        self.shape = (first.shape[0], sum(p.shape[1] for p in parts), first.shape[2])
+        self.size = self.shape[0] * self.shape[1] * self.shape[2]
+        self.nbytes = self.size * self.dtype.itemsize
+
+    def copy_into(self, out: np.ndarray) -> None:
+        np.concatenate(self.parts, axis=1, out=out)
+
+
 def utc_timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def encode_record(
-    activations: np.ndarray,
+    activations: np.ndarray | TokenParts,
     dtype_label: str,
     index: Mapping[str, Sequence[int] | np.ndarray],
     metadata: Mapping[str, str],
@@ -117,8 +146,9 @@ def encode_record(
 ) -> memoryview:
     """Serialise one record into a single buffer (one copy of the activations).
 
-    `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16);
-    `optional` adds named float32 or int32 tensors after the index tensors.
+    `activations` holds the stored bytes already in their final dtype (uint16 bits for BF16),
+    as one array (a strided view is fine) or as `TokenParts`; `optional` adds named float32 or
+    int32 tensors after the index tensors.
     With `scratch`, the record is built in it when it is large enough (a writer reuses one
     buffer instead of faulting in fresh memory per record); the result is then only valid until
     the next call with the same scratch. `checksum=False` leaves the checksum out, only so that
@@ -126,8 +156,11 @@ def encode_record(
     """
     if dtype_label not in ("F16", "BF16", "F32"):
         raise ValueError(f"unsupported activation dtype {dtype_label}")
-    # the activations may be a strided view (a hand-over file's rows): copied once, into place
-    arrays: list[tuple[str, str, np.ndarray]] = [(ACTIVATIONS, dtype_label, activations)]
+    # the activations may be a strided view (a hand-over file's rows) or the steps of a request
+    # (TokenParts): copied once, into place
+    arrays: list[tuple[str, str, np.ndarray | TokenParts]] = [
+        (ACTIVATIONS, dtype_label, activations)
+    ]
     for name in INDEX_TENSORS:
         arrays.append((name, "I32", np.ascontiguousarray(index[name], dtype=np.int32)))
     for name, values in (optional or {}).items():
@@ -159,7 +192,10 @@ def encode_record(
     start = 8 + len(raw)
     for _, _, array in arrays:
         view = np.frombuffer(buf, dtype=array.dtype, count=array.size, offset=start)
-        np.copyto(view.reshape(array.shape), array)
+        if isinstance(array, TokenParts):
+            array.copy_into(view.reshape(array.shape))
+        else:
+            np.copyto(view.reshape(array.shape), array)
         start += array.nbytes
     if checksum:
         strings[CHECKSUM] = data_checksum([memoryview(buf)[8 + len(raw) : size]])

@@ -30,6 +30,7 @@ from hallulens_capture.positions import token_positions
 from hallulens_capture.record import (
     CAPTURE_DTYPE_LABELS,
     RECORD_FORMAT,
+    TokenParts,
     encode_record,
     token_stat_tensors,
     utc_timestamp,
@@ -46,13 +47,16 @@ ENV_QUEUE_MB = "HALLULENS_CAPTURE_QUEUE_MB"
 def queue_bytes() -> int:
     """Bytes of captured records that may wait for the writer thread before a producer waits (one
     record of any size always gets in): what bounds capture's host memory beyond the engine's
-    current batch. `HALLULENS_CAPTURE_QUEUE_MB`, else an eighth of the machine's memory within
+    current batch. `HALLULENS_CAPTURE_QUEUE_MB`, else an eighth of the machine's memory shared
+    by the processes of the node (`LOCAL_WORLD_SIZE`, as torchrun and accelerate set it), within
     256 MiB..8 GiB: on a GPU host that holds a batch's records (4.4 GB for 64 answers of 256
     tokens, all layers of an 8B model) while the engine runs the next batch."""
     text = os.environ.get(ENV_QUEUE_MB)
     if text is None:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return min(max(memory // 8, 256 << 20), 8 << 30)
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        share = memory // 8 // (int(local) if local.isdigit() and int(local) > 0 else 1)
+        return min(max(share, 256 << 20), 8 << 30)
     try:
         megabytes = int(text)
     except ValueError:
@@ -81,14 +85,15 @@ class CapturedSample:
     """What an engine captured for one generation, in engine-neutral form.
 
     `activations` is [n_layers, n_tokens, hidden] in the storage dtype (uint16 bits for
-    bfloat16), rows in the order of `token_positions`. `token_stats` holds one row per generated
+    bfloat16), rows in the order of `token_positions`: one array, or `TokenParts` (a request's
+    forward steps, joined when the record is encoded). `token_stats` holds one row per generated
     token, [G, 2 + 2k] float32 (see `record.token_stat_tensors`), when capture_topk > 0.
     """
 
     prompt_token_ids: Sequence[int]
     generated_token_ids: Sequence[int]
     token_positions: np.ndarray
-    activations: np.ndarray
+    activations: np.ndarray | TokenParts
     token_stats: np.ndarray | None = None
 
 

@@ -23,7 +23,7 @@ from hallulens_capture.positions import ends_response, response_length, token_po
 from hallulens_capture.session import CapturedSample
 from hallulens_models.capture_mixin import CaptureMixin
 from hallulens_models.embedded import resolve_pretrained
-from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap, to_storage
+from hallulens_models.hf_tap import TORCH_DTYPES, LayerTap
 from hallulens_models.model_config import check_local_weights, text_config
 
 
@@ -171,7 +171,7 @@ class _Batch:
             prompt_token_ids=self.context[row, self.width - n_prompt :].tolist(),
             generated_token_ids=generated,
             token_positions=token_positions(spec.tokens, n_prompt, len(generated)),
-            activations=to_storage(self.log.row(row, prompt_rows, n_decode)),
+            activations=self.log.row(row, prompt_rows, n_decode),
             token_stats=self.log.row_stats(row, len(generated)) if spec.topk else None,
         )
         lm._finished(self.prompts[row], lm.response_text(generated, self.stop), sample)

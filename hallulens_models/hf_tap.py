@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hallulens_capture.errors import CaptureError
+from hallulens_capture.record import TokenParts
 from hallulens_models import token_stats
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -27,11 +28,6 @@ def storage_view(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
-
-
-def to_storage(tensor: torch.Tensor) -> np.ndarray:
-    """Host tensor -> a compact numpy array of its stored bytes (bfloat16 as uint16 bits)."""
-    return storage_view(tensor.contiguous())
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -69,10 +65,11 @@ class StepLog:
         if self._cuda:
             torch.cuda.current_stream().synchronize()
 
-    def row(self, row: int, n_prompt: int, n_decode: int) -> torch.Tensor:
-        """[n_layers, tokens, hidden] of one batch row: the last `n_prompt` prefill rows kept
-        (the batch is left-padded, so its prompt ends at the last column), then its first
-        `n_decode` decode steps."""
+    def row(self, row: int, n_prompt: int, n_decode: int) -> np.ndarray | TokenParts:
+        """[n_layers, tokens, hidden] of one batch row as stored bytes: the last `n_prompt`
+        prefill rows kept (the batch is left-padded, so its prompt ends at the last column),
+        then its first `n_decode` decode steps. Views of the step copies, joined only where the
+        record is encoded (they keep the copies alive until then)."""
         self._ready()
         parts = []
         if 0 in self.blocks and n_prompt > 0:
@@ -80,8 +77,9 @@ class StepLog:
             parts.append(block[:, row, block.shape[2] - n_prompt :])
         parts += [self.blocks[step][:, row] for step in range(1, n_decode + 1)]
         if not parts:
-            return self._empty
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return storage_view(self._empty)
+        views = [storage_view(part) for part in parts]
+        return views[0] if len(views) == 1 else TokenParts(views)
 
     def row_stats(self, row: int, n_tokens: int) -> np.ndarray:
         """[n_tokens, 2 + 2k] token statistics of one batch row's first generated tokens."""

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load as safetensors_load
 
 from hallulens_capture.errors import RecordFormatError
-from hallulens_capture.record import Record, encode_record
+from hallulens_capture.record import Record, TokenParts, encode_record
 from hallulens_capture.report import check_record
 
 METADATA = {
@@ -161,6 +161,29 @@ def test_rows_of_a_larger_file_are_encoded_from_the_view_itself():
     record = Record(crafted.key_of("crafted prompt"), bytes(encoded))
     np.testing.assert_array_equal(record.all_layers_activations, rows)
     assert record.checksum == record.data_checksum() and check_record(record) == []
+
+
+def test_a_record_from_token_parts_equals_the_one_from_their_concatenation():
+    """A backend hands a request's forward steps over as TokenParts (strided views of per-step
+    blocks [layers, batch, tokens, hidden]); the encoder joins them into the record."""
+    tensors = crafted.arrays(layers=3, tokens=5, hidden=4, fill=0.5)
+    index = {name: tensors[name] for name in list(tensors)[1:]}
+    meta = crafted.header(tensors)["__metadata__"]
+    rng = np.random.default_rng(3)
+    steps = [rng.standard_normal((3, 2, n, 4)).astype(np.float16) for n in (2, 1, 1, 1)]
+    parts = [step[:, 1] for step in steps]  # batch row 1 of each step
+    assert not any(part.flags.c_contiguous for part in parts)
+    joined = np.concatenate([np.ascontiguousarray(p) for p in parts], axis=1)
+    scratch = bytearray(b"\xff" * (1 << 16))
+    encoded = encode_record(TokenParts(parts), "F16", index, meta, scratch)
+    assert bytes(encoded) == bytes(encode_record(joined, "F16", index, meta))
+    record = Record(crafted.key_of("crafted prompt"), bytes(encoded))
+    np.testing.assert_array_equal(record.all_layers_activations, joined)
+    assert record.checksum == record.data_checksum() and check_record(record) == []
+    with pytest.raises(ValueError, match="does not extend one of"):
+        TokenParts([parts[0], steps[1][:2, 1]])  # two layers instead of three
+    with pytest.raises(ValueError, match="does not extend one of"):
+        TokenParts([parts[0], parts[1].astype(np.float32)])
 
 
 def test_bad_gen_kwargs_are_a_problem_not_a_traceback():

@@ -425,9 +425,12 @@ def test_the_writer_queue_holds_at_most_its_bytes(tmp_path, monkeypatch):
 
 def test_the_writer_queue_size_setting(monkeypatch):
     monkeypatch.delenv(ENV_QUEUE_MB, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024  # MemTotal
     assert queue_bytes() == min(max(total // 8, 256 << 20), 8 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes of one node share the eighth
+    assert queue_bytes() == min(max(total // 64, 256 << 20), 8 << 30)
     monkeypatch.setenv(ENV_QUEUE_MB, "64")
     assert queue_bytes() == 64 << 20
     for bad in ("0", "lots", "1.5"):
