@@ -71,13 +71,19 @@ def test_ctrl_c_stops_a_judge_pass_at_once_and_keeps_what_arrived(tmp_path):
     cache = tmp_path / "cache.sqlite"
     with JudgeServer(scripted, delay_s=1.0) as server:
         env = {**os.environ, **judge_env(server, cache, HALLULENS_JUDGE_CONCURRENCY="4")}
-        process = subprocess.Popen(
-            [str(BIN / "hallulens"), "judge", str(samples)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # a child inherits an ignored SIGINT (as under `cmd &` in a script) and Python then
+        # never raises KeyboardInterrupt: give it the default, as a terminal's Ctrl-C finds it
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            process = subprocess.Popen(
+                [str(BIN / "hallulens"), "judge", str(samples)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
         deadline = time.monotonic() + 60
         while server.good < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
