@@ -81,7 +81,7 @@ def write_case(tmp: Path, n: int, shape: tuple[int, int, int], rounds: int) -> d
         scratch = bytearray(len(values[0]) + 4096)  # one reused buffer, as CaptureSession does
         with ActivationStore(path, writable=True) as store:  # close() syncs
             for key, acts, index, meta in items:
-                store.put(key, encode_record(acts, "F16", index, meta, scratch, checksum))
+                store.put(key, encode_record(acts, "F16", index, meta, scratch, checksum=checksum))
 
     def raw_write(path: Path) -> None:
         with open(path, "wb") as f:

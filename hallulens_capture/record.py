@@ -141,6 +141,7 @@ def encode_record(
     index: Mapping[str, Sequence[int] | np.ndarray],
     metadata: Mapping[str, str],
     scratch: bytearray | None = None,
+    *,
     optional: Mapping[str, np.ndarray] | None = None,
     checksum: bool = True,
 ) -> memoryview:

@@ -281,7 +281,7 @@ class CaptureSession:
             try:
                 if self._failure is None:  # after a failure, later records are dropped
                     value = encode_record(
-                        acts, self.dtype_label, index, metadata, self._scratch, optional
+                        acts, self.dtype_label, index, metadata, self._scratch, optional=optional
                     )
                     if value.obj is not self._scratch:  # grown: keep the larger buffer
                         self._scratch = value.obj

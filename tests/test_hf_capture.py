@@ -279,7 +279,9 @@ def test_show_prints_the_token_statistics_and_verify_checks_them(tmp_path, capsy
         bad = {"shifted": stats, "unsorted": unsorted}
         with ActivationStore(tmp_path / "bad", writable=True) as out_store:
             for name, optional in bad.items():
-                value = encode_record(acts, "F16", index, {**meta, "prompt": name}, None, optional)
+                value = encode_record(
+                    acts, "F16", index, {**meta, "prompt": name}, optional=optional
+                )
                 out_store.put(record_key(name), value)
     assert main(["activations", "verify", str(tmp_path / "bad")]) == 1
     found = capsys.readouterr().out
