@@ -30,7 +30,7 @@ from lm_eval.api.instance import Instance
 
 from hallulens_capture.keys import record_key
 from hallulens_capture.positions import token_positions
-from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.session import ENV_WRITERS, CapturedSample, CaptureSession, SampleRequest
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.hf_lm import HalluLensHFLM
 from hallulens_models.hf_tap import StepLog
@@ -105,9 +105,16 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=5) -> dict[str, object]:
 
 
 def handover(
-    batch: int = 16, steps: int = 128, layers: int = 33, hidden: int = 4096, repeats: int = 5
+    batch: int = 16,
+    steps: int = 128,
+    layers: int = 33,
+    hidden: int = 4096,
+    repeats: int = 5,
+    writers: int = 1,
 ) -> dict[str, object]:
-    """Seconds to store one finished batch's rows through the writer ÷ a plain synced file."""
+    """Seconds to store one finished batch's rows through the writer ÷ a plain synced file
+    (`writers`: HALLULENS_CAPTURE_WRITERS)."""
+    os.environ[ENV_WRITERS] = str(writers)
     log = StepLog(layers, hidden, torch.float16, cuda=False)
     for step in range(1, steps + 1):
         log.blocks[step] = torch.randn(layers, batch, 1, hidden).half()
@@ -147,8 +154,10 @@ def handover(
                 (session if name == "session" else plain)(path)
                 times[name].append(time.perf_counter() - start)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    del os.environ[ENV_WRITERS]
     ratios = [a / b for a, b in zip(times["session"], times["plain"], strict=True)]
     return {
+        "writers": writers,
         "batch": batch,
         "steps": steps,
         "gb": nbytes / 1e9,
@@ -172,14 +181,14 @@ if __name__ == "__main__":
             ],
         )
     )
-    result["handover"] = handover(repeats=3 if quick else 5)
-    h = result["handover"]
+    result["handover"] = [handover(repeats=3 if quick else 5, writers=n) for n in (1, 2)]
     print(
         table(
             "Hand-over of a finished batch (host side): writer ÷ plain synced file",
-            ["batch", "steps", "GB", "writer s", "plain s", "producer s", "ratio"],
+            ["writers", "batch", "steps", "GB", "writer s", "plain s", "producer s", "ratio"],
             [
                 [
+                    h["writers"],
                     h["batch"],
                     h["steps"],
                     h["gb"],
@@ -188,6 +197,7 @@ if __name__ == "__main__":
                     h["producer_s"],
                     h["ratio"],
                 ]
+                for h in result["handover"]
             ],
         )
     )

@@ -19,6 +19,7 @@ import os
 import queue
 import socket
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,21 @@ from hallulens_capture.store import ActivationStore
 log = logging.getLogger(__name__)
 
 ENV_QUEUE_MB = "HALLULENS_CAPTURE_QUEUE_MB"
+ENV_WRITERS = "HALLULENS_CAPTURE_WRITERS"
+MAX_WRITERS = 16
+
+
+def writer_count() -> int:
+    """`HALLULENS_CAPTURE_WRITERS`: threads writing records (default 1), each into an LMDB
+    environment of its own, since one environment takes one write at a time: LMDB copies each
+    record into pages it maps per transaction, so where cores are free (a GPU host) several
+    environments write faster than one."""
+    text = os.environ.get(ENV_WRITERS, "1")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WRITERS:
+        raise CaptureConfigError(
+            f"{ENV_WRITERS}={text!r}: expected a whole number from 1 to {MAX_WRITERS}"
+        )
+    return int(text)
 
 
 def queue_bytes() -> int:
@@ -129,17 +145,33 @@ class CaptureSession:
             "layers": layers_text(self.layer_ids),
             "capture_topk": str(spec.topk),
         }
+        count, self._queue_bytes = writer_count(), queue_bytes()  # bad settings fail first
         self.store = ActivationStore(
             spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
         )
-        self.store.mark_incomplete()
+        self._writers = [_Writer(self.store)]
+        try:  # writers beyond the first write shards of their own: `<shard>-w<i>` or `w<i>`
+            for i in range(1, count):
+                name = f"{shard}-w{i}" if shard else f"w{i}"
+                self._writers.append(
+                    _Writer(
+                        ActivationStore(
+                            spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=name
+                        )
+                    )
+                )
+        except BaseException:
+            for writer in self._writers:
+                writer.store.close()
+            raise
+        self.store.refresh()  # opens the shards just made: resume looks up keys in all of them
+        for writer in self._writers:
+            writer.store.mark_incomplete()
+        self._counting = threading.Lock()
         self.written = 0
-        self._scratch = bytearray()
-        self._queue: queue.Queue = queue.Queue()
-        self._queue_bytes = queue_bytes()
         self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
         self._room = threading.Condition()
-        self._writer: threading.Thread | None = None
+        self._started = False
         self._failure: BaseException | None = None
 
     def info(self) -> dict[str, object]:
@@ -161,11 +193,13 @@ class CaptureSession:
         """Keys for `requests` (in order; numbered here unless given) and the stored response of
         each one already captured, in any environment of the store."""
         keys = list(keys) if keys is not None else occurrence_keys(r.prompt for r in requests)
+        self.store.refresh()  # what every writer of this session committed so far
         return keys, [self._stored_response(k, r) for k, r in zip(keys, requests, strict=True)]
 
     def free_key(self, prompt: str) -> str:
         """The first key of `prompt` not yet in the store (a server records every request; a
         repeated prompt gets the next `-n` suffix)."""
+        self.store.refresh()  # what every writer of this session committed so far
         n = 0
         while record_key(prompt, n) in self.store:
             n += 1
@@ -229,16 +263,24 @@ class CaptureSession:
             "prompt_token_ids": sample.prompt_token_ids,
             "generated_token_ids": sample.generated_token_ids,
         }
-        if self._writer is None:
+        if not self._started:
             self._warn_if_mixed()
-            self._writer = threading.Thread(target=self._drain, name="hallulens-store", daemon=True)
-            self._writer.start()
+            for i, writer in enumerate(self._writers):
+                writer.thread = threading.Thread(
+                    target=self._drain, args=(writer,), name=f"hallulens-store-{i}", daemon=True
+                )
+                writer.thread.start()
+            self._started = True
         size = acts.nbytes + sum(t.nbytes for t in optional.values())
         with self._room:
             while self._queued_bytes and self._queued_bytes + size > self._queue_bytes:
                 self._room.wait()
             self._queued_bytes += size
-        self._queue.put((key, acts, index, metadata, optional, size))
+        # a key always goes to the same writer: a second write of it meets the first there
+        writer = self._writers[
+            zlib.crc32(key.encode("utf-8", "surrogateescape")) % len(self._writers)
+        ]
+        writer.queue.put((key, acts, index, metadata, optional, size))
 
     def _token_stats(self, key: str, sample: CapturedSample) -> dict[str, np.ndarray]:
         """The record's token statistics tensors (none with capture_topk=0), checked: one row
@@ -275,58 +317,75 @@ class CaptureSession:
                 )
                 return
 
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def _drain(self, writer: _Writer) -> None:
+        while (item := writer.queue.get()) is not None:
             key, acts, index, metadata, optional, size = item
             try:
                 if self._failure is None:  # after a failure, later records are dropped
                     value = encode_record(
-                        acts, self.dtype_label, index, metadata, self._scratch, optional=optional
+                        acts, self.dtype_label, index, metadata, writer.scratch, optional=optional
                     )
-                    if value.obj is not self._scratch:  # grown: keep the larger buffer
-                        self._scratch = value.obj
-                    self.store.put(key, value)
-                    self.written += 1
+                    if value.obj is not writer.scratch:  # grown: keep the larger buffer
+                        writer.scratch = value.obj
+                    writer.store.put(key, value)
+                    with self._counting:
+                        self.written += 1
             except BaseException as exc:  # re-raised by flush or the next write
-                self._failure = exc
+                self._failure = self._failure or exc
             finally:
                 del item, acts, optional  # the record's memory goes before room is made
                 with self._room:
                     self._queued_bytes -= size
                     self._room.notify_all()
-                self._queue.task_done()
-        self._queue.task_done()
+                writer.queue.task_done()
+        writer.queue.task_done()
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
 
     def flush(self) -> None:
-        """Wait until every queued record is in the store and synced; raise the writer's error."""
-        self._queue.join()
+        """Wait until every queued record is in the store and synced; raise the writers' first
+        error."""
+        for writer in self._writers:
+            writer.queue.join()
         self._raise_failure()
-        self.store.sync()
+        for writer in self._writers:
+            writer.store.sync()
 
     def finish(self) -> None:
-        """Flush, then mark the shard complete: its writer got to the end of its requests."""
+        """Flush, then mark the shards complete: their writers got to the end of the requests."""
         self.flush()
-        self.store.mark_complete(
-            {
-                "finished": utc_timestamp(),
-                "written_by_last_run": self.written,
-                "writer": f"pid {os.getpid()} on {socket.gethostname()}",
-            }
-        )
+        for writer in self._writers:
+            writer.store.mark_complete(
+                {
+                    "finished": utc_timestamp(),
+                    "written_by_last_run": self.written,
+                    "writer": f"pid {os.getpid()} on {socket.gethostname()}",
+                }
+            )
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
-            if self._writer is not None:
-                self._queue.put(None)
-                self._writer.join()
-                self._writer = None
-            self.store.close()
+            for writer in self._writers:
+                if writer.thread is not None:
+                    writer.queue.put(None)
+                    writer.thread.join()
+                    writer.thread = None
+                writer.store.close()
+
+
+class _Writer:
+    """One writer thread's environment (the session's store, or a shard of its own), queue and
+    encode buffer (reused: no fresh memory per record)."""
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+        self.queue: queue.Queue = queue.Queue()
+        self.scratch = bytearray()
+        self.thread: threading.Thread | None = None
 
 
 def _differences(found: dict[str, str], wanted: dict[str, str]) -> list[str]:

@@ -487,8 +487,7 @@ class ActivationStore(Mapping[str, Record]):
         self._places = None
         for part in self._parts:
             part.refresh()
-        if not self.writable:
-            self._open_others()
+        self._open_others()
 
     def _where(self) -> dict[bytes, list[tuple[_Environment, tuple[int, int]]]] | None:
         """key -> the environments holding it and where, for a read-only store of several

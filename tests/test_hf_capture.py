@@ -84,14 +84,20 @@ def test_float32_capture_equals_forward_pass(tmp_path, reference_model, plain_ou
     assert shifted.logprob > 0.1 and shifted.topk > 0.1, shifted
 
 
-def test_float16_storage_cosine(tmp_path, reference_model):
+@pytest.mark.parametrize("writers", ["1", "3"])
+def test_float16_storage_cosine(tmp_path, reference_model, monkeypatch, writers):
+    """Also with three writer threads (HALLULENS_CAPTURE_WRITERS): the records spread over the
+    root and shards, read back as one store."""
+    monkeypatch.setenv("HALLULENS_CAPTURE_WRITERS", writers)
     lm = backend(tmp_path / "s", 3, capture_dtype="float16", capture_tokens="all")
     lm.generate_until(requests(PROMPTS))
     with open_store(tmp_path / "s") as store:
         lowest = min(
             compare_record(store[record_key(p)], reference_model).min_cosine for p in PROMPTS
         )
-    report("hf float16 storage, batch 3", f"min cosine {lowest:.7f}")
+        assert len(store) == len(PROMPTS)
+        assert [s["name"] for s in store.shards()] == ([] if writers == "1" else ["w1", "w2"])
+    report(f"hf float16 storage, batch 3, {writers} writer(s)", f"min cosine {lowest:.7f}")
     assert lowest >= 0.9999
 
 

@@ -21,6 +21,7 @@ from hallulens_capture.lmdbfile import check_data_file, read_meta
 from hallulens_capture.report import verify
 from hallulens_capture.session import (
     ENV_QUEUE_MB,
+    ENV_WRITERS,
     CapturedSample,
     CaptureSession,
     SampleRequest,
@@ -421,6 +422,46 @@ def test_the_writer_queue_holds_at_most_its_bytes(tmp_path, monkeypatch):
     with open_store(tmp_path / "s") as store:
         assert sorted(store) == sorted(record_key(f"prompt {i}") for i in range(5))
         assert np.all(store[record_key("prompt 4")].all_layers_activations == 4)
+
+
+def test_several_writer_threads_each_write_a_shard_and_every_record_is_found(tmp_path, monkeypatch):
+    """HALLULENS_CAPTURE_WRITERS=3: records spread over the root environment and shards w1, w2
+    (each key in one), read back as one store, seen by a later plan of the same session (a
+    second task) and by a later run with one writer."""
+    monkeypatch.setenv(ENV_WRITERS, "3")
+    spec = CaptureSpec.from_model_args(
+        str(tmp_path / "s"), capture_tokens="prompt", capture_topk=0, environ={}
+    )
+    session = CaptureSession(spec, [0, 1], "m", backend="test")
+    requests = [SampleRequest(f"prompt {i}") for i in range(24)]
+    keys, stored = session.plan(requests)
+    assert stored == [None] * 24
+    for i, (key, request) in enumerate(zip(keys, requests, strict=True)):
+        acts = np.full((2, 3, 8), i, dtype=np.float16)
+        captured = CapturedSample([i, i, i], [1], np.arange(3, dtype=np.int32), acts)
+        session.write(key, request, f"r{i}", captured)
+    session.flush()
+    assert session.plan(requests)[1] == [f"r{i}" for i in range(24)]
+    session.finish()
+    session.close()
+    assert session.written == 24
+    with open_store(tmp_path / "s") as store:
+        shards = store.shards()
+        assert [shard["name"] for shard in shards] == ["w1", "w2"]
+        assert all(shard["complete"] and shard["records"] > 0 for shard in shards)
+        assert sum(shard["records"] for shard in shards) < 24  # the root holds the rest
+        assert sorted(store) == sorted(keys) and store.conflicts() == {}
+        for i, key in enumerate(keys):
+            assert store[key].response == f"r{i}"
+            assert np.all(store[key].all_layers_activations == i)
+    monkeypatch.delenv(ENV_WRITERS)
+    again = CaptureSession(spec, [0, 1], "m", backend="test")
+    assert again.plan(requests)[1] == [f"r{i}" for i in range(24)]
+    again.close()
+    for bad in ("0", "x", "17"):
+        monkeypatch.setenv(ENV_WRITERS, bad)
+        with pytest.raises(CaptureConfigError, match=f"HALLULENS_CAPTURE_WRITERS='{bad}'"):
+            CaptureSession(spec, [0, 1], "m", backend="test")
 
 
 def test_the_writer_queue_size_setting(monkeypatch):
