@@ -5,10 +5,11 @@ sample against the capture spec, builds the record and writes it. Before generat
 looks every request up in the store: a request whose record exists is not generated again
 (its stored response is returned), which is how an interrupted run resumes.
 
-Checks run at once, in the caller's thread; encoding and the LMDB write run on one writer thread
-behind a queue bounded in bytes (`queue_bytes()`, whatever the size of a record), so an engine goes
-on generating while records are written. Each record is one LMDB transaction: committed whole or
-not at all. `flush()` waits for the queue and raises what the writer met (a full disk, say).
+Checks run at once, in the caller's thread; encoding and the LMDB write run on writer threads
+(one by default, `writer_count()`; each writes an LMDB environment of its own) behind queues
+bounded together in bytes (`queue_bytes()`, whatever the size of a record), so an engine goes on
+generating while records are written. Each record is one LMDB transaction: committed whole or not
+at all. `flush()` waits for the queues and raises what a writer met (a full disk, say).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def shard_name(job: tuple[int, int] | None, rank: int, world_size: int) -> str |
 
 class CaptureSession:
     """Writes records for one model run into one store (into its own shard when `shard` names
-    one), reading the whole store for resume."""
+    one), reading the whole store for resume; `writers` threads (None: `writer_count()`)."""
 
     def __init__(
         self,
@@ -131,6 +132,7 @@ class CaptureSession:
         model: str,
         backend: str,
         shard: str | None = None,
+        writers: int | None = None,
     ):
         self.spec = spec
         self.layer_ids = np.asarray(layer_ids, dtype=np.int32)
@@ -145,28 +147,35 @@ class CaptureSession:
             "layers": layers_text(self.layer_ids),
             "capture_topk": str(spec.topk),
         }
-        count, self._queue_bytes = writer_count(), queue_bytes()  # bad settings fail first
-        self.store = ActivationStore(
-            spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
-        )
-        self._writers = [_Writer(self.store)]
-        try:  # writers beyond the first write shards of their own: `<shard>-w<i>` or `w<i>`
+        count = writer_count() if writers is None else writers
+        self._queue_bytes = queue_bytes()  # bad settings fail before anything is opened
+        # writers beyond the first write shards of their own (`<shard>-w<i>` or `w<i>`), opened
+        # first and reading nothing else, so that the session's store, opened last, reads them
+        # through the same environments
+        extra: list[_Writer] = []
+        try:
             for i in range(1, count):
                 name = f"{shard}-w{i}" if shard else f"w{i}"
-                self._writers.append(
-                    _Writer(
-                        ActivationStore(
-                            spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=name
-                        )
-                    )
+                store = ActivationStore(
+                    spec.path,
+                    writable=True,
+                    map_size_gb=spec.map_size_gb,
+                    shard=name,
+                    read_others=False,
                 )
-        except BaseException:
+                extra.append(_Writer(store))
+            self.store = ActivationStore(
+                spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
+            )
+            self._writers = [_Writer(self.store), *extra]
             for writer in self._writers:
+                writer.store.mark_incomplete()
+        except BaseException:
+            for writer in extra:
                 writer.store.close()
+            if getattr(self, "store", None) is not None:
+                self.store.close()
             raise
-        self.store.refresh()  # opens the shards just made: resume looks up keys in all of them
-        for writer in self._writers:
-            writer.store.mark_incomplete()
         self._counting = threading.Lock()
         self.written = 0
         self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
@@ -194,7 +203,10 @@ class CaptureSession:
         each one already captured, in any environment of the store."""
         keys = list(keys) if keys is not None else occurrence_keys(r.prompt for r in requests)
         self.store.refresh()  # what every writer of this session committed so far
-        return keys, [self._stored_response(k, r) for k, r in zip(keys, requests, strict=True)]
+        try:
+            return keys, [self._stored_response(k, r) for k, r in zip(keys, requests, strict=True)]
+        finally:
+            self.store.refresh()  # no read snapshot stays open while writers grow their maps
 
     def free_key(self, prompt: str) -> str:
         """The first key of `prompt` not yet in the store (a server records every request; a
@@ -203,6 +215,7 @@ class CaptureSession:
         n = 0
         while record_key(prompt, n) in self.store:
             n += 1
+        self.store.refresh()  # no read snapshot stays open while writers grow their maps
         return record_key(prompt, n)
 
     def _stored_response(self, key: str, request: SampleRequest) -> str | None:
@@ -265,11 +278,14 @@ class CaptureSession:
         }
         if not self._started:
             self._warn_if_mixed()
+            self.store.refresh()  # its reads' snapshot goes before any writer grows a map
             for i, writer in enumerate(self._writers):
-                writer.thread = threading.Thread(
-                    target=self._drain, args=(writer,), name=f"hallulens-store-{i}", daemon=True
-                )
-                writer.thread.start()
+                if writer.thread is None:  # (a retry after a failed start starts the rest)
+                    thread = threading.Thread(
+                        target=self._drain, args=(writer,), name=f"hallulens-store-{i}", daemon=True
+                    )
+                    thread.start()
+                    writer.thread = thread
             self._started = True
         size = acts.nbytes + sum(t.nbytes for t in optional.values())
         with self._room:
@@ -328,6 +344,7 @@ class CaptureSession:
                     if value.obj is not writer.scratch:  # grown: keep the larger buffer
                         writer.scratch = value.obj
                     writer.store.put(key, value)
+                    writer.written += 1
                     with self._counting:
                         self.written += 1
             except BaseException as exc:  # re-raised by flush or the next write
@@ -360,7 +377,7 @@ class CaptureSession:
             writer.store.mark_complete(
                 {
                     "finished": utc_timestamp(),
-                    "written_by_last_run": self.written,
+                    "written_by_last_run": writer.written,
                     "writer": f"pid {os.getpid()} on {socket.gethostname()}",
                 }
             )
@@ -386,6 +403,7 @@ class _Writer:
         self.queue: queue.Queue = queue.Queue()
         self.scratch = bytearray()
         self.thread: threading.Thread | None = None
+        self.written = 0
 
 
 def _differences(found: dict[str, str], wanted: dict[str, str]) -> list[str]:

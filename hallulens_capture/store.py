@@ -419,7 +419,9 @@ class ActivationStore(Mapping[str, Record]):
 
     A writable store writes one environment: the root one, or with `shard=NAME` the shard
     `shards/NAME` (created if missing; refused while another process writes it). It reads the
-    others, so a key captured by any writer is seen (and never written twice). A writable store
+    others, so a key captured by any writer is seen (and never written twice); with
+    `read_others=False` it reads only its own (an extra writer thread of a capture session,
+    which gets only keys the session looked up across the store). A writable store
     is created when missing unless `create=False` (labelling writes into an existing store only);
     a read-only one never is.
 
@@ -436,6 +438,7 @@ class ActivationStore(Mapping[str, Record]):
         map_size_gb: float = DEFAULT_MAP_SIZE_GB,
         create: bool = True,
         shard: str | None = None,
+        read_others: bool = True,
     ):
         self.path = os.fspath(path)
         self.writable = writable
@@ -459,6 +462,7 @@ class ActivationStore(Mapping[str, Record]):
                 except BaseException:
                     self.close()
                     raise
+        self._read_others = read_others
         try:
             self._open_others()
         except BaseException:
@@ -471,13 +475,21 @@ class ActivationStore(Mapping[str, Record]):
     def _parts(self) -> list[_Environment]:
         return ([self._own] if self._own is not None else []) + self._others
 
-    def _open_others(self) -> None:
-        """Open (read-only) the environments not open yet, other than the one written."""
+    def _open_others(self, skip_unready: bool = False) -> None:
+        """Open (read-only) the environments not open yet, other than the one written (none
+        for a writer opened with `read_others=False`); `skip_unready` leaves a shard that does
+        not open yet for a later refresh (another process may be creating it this moment)."""
+        if not self._read_others:
+            return
         opened = {part.name for part in self._parts}
         names = ([""] if _root_exists(self.path) else []) + shard_names(self.path)
         for name in names:
             if name not in opened:
-                self._others.append(_Environment(self.path, name, False, 0, False))
+                try:
+                    self._others.append(_Environment(self.path, name, False, 0, False))
+                except StoreError:
+                    if not (skip_unready and name):
+                        raise
 
     # --- reading -------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -487,7 +499,7 @@ class ActivationStore(Mapping[str, Record]):
         self._places = None
         for part in self._parts:
             part.refresh()
-        self._open_others()
+        self._open_others(skip_unready=self.writable)  # a writer's siblings may be starting
 
     def _where(self) -> dict[bytes, list[tuple[_Environment, tuple[int, int]]]] | None:
         """key -> the environments holding it and where, for a read-only store of several

@@ -128,7 +128,8 @@ class _Answer:
 
 
 class _Recorder:
-    """Writes the records of one server process (one writer thread: LMDB has one writer)."""
+    """Writes the records of one server process: one writer thread (requests are written one
+    at a time, and a server has no end of run at which extra writers' shards are complete)."""
 
     def __init__(self, engine) -> None:
         from hallulens_capture.session import CaptureSession
@@ -139,7 +140,7 @@ class _Recorder:
         self.spec = _spec()
         self.shape = (len(config["layer_ids"]), model.get_hidden_size())
         self.session = CaptureSession(
-            self.spec, config["layer_ids"], model.served_model_name, backend="vllm"
+            self.spec, config["layer_ids"], model.served_model_name, backend="vllm", writers=1
         )
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="hallulens-store")
         self.tokenizer = engine.tokenizer

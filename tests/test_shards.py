@@ -333,3 +333,27 @@ def test_the_harness_padding_copies_are_answered_not_captured():
     real, copies = _without_padding([a, b, b, b, b, b, b])  # b's 2 samples, then 2 pads of 2
     assert real == [0, 1, 2]
     assert copies == {3: 1, 4: 2, 5: 1, 6: 2}
+
+
+def test_a_writer_sees_a_shard_once_it_is_ready_and_a_reader_refuses_a_broken_one(tmp_path):
+    """Another process may be creating its shard (its data file there, the store's databases not
+    yet committed) while a writer refreshes: the writer leaves it for a later refresh; a reader
+    opening the store names it."""
+    path = tmp_path / "s"
+    with ActivationStore(path, writable=True) as store:
+        key, value = sample(0)
+        store.put(key, value)
+        half = path / "shards" / "rank1"
+        half.mkdir(parents=True)
+        lmdb.open(str(half)).close()  # an LMDB environment without the store's databases
+        store.refresh()
+        assert [s["name"] for s in store.shards()] == []
+        assert key in store
+        with pytest.raises(StoreError, match="rank1 is an LMDB environment but not an activation"):
+            open_store(path)
+        shutil.rmtree(half)
+        with ActivationStore(path, writable=True, shard="rank1") as other:
+            other.put(*sample(1))
+        store.refresh()
+        assert [s["name"] for s in store.shards()] == ["rank1"]
+        assert sample(1)[0] in store
