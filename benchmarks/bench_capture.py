@@ -30,7 +30,7 @@ from lm_eval.api.instance import Instance
 
 from hallulens_capture.keys import record_key
 from hallulens_capture.positions import token_positions
-from hallulens_capture.session import ENV_WRITERS, CapturedSample, CaptureSession, SampleRequest
+from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.hf_lm import HalluLensHFLM
 from hallulens_models.hf_tap import StepLog
@@ -113,8 +113,7 @@ def handover(
     writers: int = 1,
 ) -> dict[str, object]:
     """Seconds to store one finished batch's rows through the writer ÷ a plain synced file
-    (`writers`: HALLULENS_CAPTURE_WRITERS)."""
-    os.environ[ENV_WRITERS] = str(writers)
+    (`writers`: as HALLULENS_CAPTURE_WRITERS)."""
     log = StepLog(layers, hidden, torch.float16, cuda=False)
     for step in range(1, steps + 1):
         log.blocks[step] = torch.randn(layers, batch, 1, hidden).half()
@@ -127,7 +126,7 @@ def handover(
             spec = CaptureSpec.from_model_args(
                 path, capture_tokens="generated", capture_topk=0, environ={}
             )
-            writer = CaptureSession(spec, list(range(layers)), "m", backend="hf")
+            writer = CaptureSession(spec, list(range(layers)), "m", "hf", writers=writers)
             start = time.perf_counter()
             for row in range(batch):
                 sample = CapturedSample(
@@ -154,7 +153,6 @@ def handover(
                 (session if name == "session" else plain)(path)
                 times[name].append(time.perf_counter() - start)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    del os.environ[ENV_WRITERS]
     ratios = [a / b for a, b in zip(times["session"], times["plain"], strict=True)]
     return {
         "writers": writers,

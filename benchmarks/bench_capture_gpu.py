@@ -89,7 +89,8 @@ class TimedGenerate:
 
 
 def stored_bytes(folder: str) -> int:
-    return sum(p.stat().st_blocks * 512 for p in Path(folder).glob("*.mdb"))
+    """Bytes on disk of a store, its shards included (HALLULENS_CAPTURE_WRITERS > 1 makes some)."""
+    return sum(p.stat().st_blocks * 512 for p in Path(folder).glob("**/*.mdb"))
 
 
 def plain_write_seconds(folder: str, size: int) -> float:
@@ -100,7 +101,7 @@ def plain_write_seconds(folder: str, size: int) -> float:
     with open(path, "wb") as f:
         left = size
         while left > 0:
-            left -= f.write(chunk[: min(left, len(chunk))])
+            left -= f.write(memoryview(chunk)[: min(left, len(chunk))])
         f.flush()
         os.fdatasync(f.fileno())
     seconds = time.perf_counter() - start
@@ -113,7 +114,7 @@ def measure(
 ) -> list[dict]:
     """One cell: `cell["variants"]` (name -> capture_layers, None plain) at one batch size,
     `cell["per_call"]` batches per generate_until call, rounds in a rotating order."""
-    batch, per_call, variants = cell["batch"], cell["per_call"], cell["variants"]
+    batch, per_call, named = cell["batch"], cell["per_call"], cell["variants"]
     timer = model.generate
     backends = {
         name: HalluLensHFLM(
@@ -126,18 +127,18 @@ def measure(
                 else {"activations": f"{folder}/{name}", "capture_layers": layers}
             ),
         )
-        for name, layers in variants.items()
+        for name, layers in named.items()
     }
-    times, inside, added = {n: [] for n in variants}, {n: [] for n in variants}, {}
+    times, inside, added = {n: [] for n in named}, {n: [] for n in named}, {}
     for round_ in range(rounds + (1 if cell["warm"] else 0)):
         timed = round_ or not cell["warm"]
         if timed and times["plain"] and time.perf_counter() > deadline:
             print(f"budget reached: {cell['name']} after {len(times['plain'])} rounds", flush=True)
             break
-        names = list(variants)
+        names = list(named)
         names = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in names:
-            before = stored_bytes(f"{folder}/{name}") if variants[name] else 0
+            before = stored_bytes(f"{folder}/{name}") if named[name] else 0
             calls = requests(batch * per_call, new_tokens, f"{cell['name']}{round_}-")
             timer.seconds = 0.0
             start = time.perf_counter()
@@ -146,7 +147,7 @@ def measure(
             if timed:
                 times[name].append(seconds)
                 inside[name].append(timer.seconds)
-            if variants[name]:
+            if named[name]:
                 added[name] = stored_bytes(f"{folder}/{name}") - before
             print(
                 f"{cell['name']} round {round_} {name}: {seconds:.2f} s "
@@ -155,7 +156,7 @@ def measure(
             )
     plain = statistics.median(times["plain"])
     rows = []
-    for name in [n for n in variants if variants[n]]:
+    for name in [n for n in named if named[n]]:
         disk = plain_write_seconds(folder, added[name])
         rows.append(
             {

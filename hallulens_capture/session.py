@@ -152,32 +152,33 @@ class CaptureSession:
         # writers beyond the first write shards of their own (`<shard>-w<i>` or `w<i>`), opened
         # first and reading nothing else, so that the session's store, opened last, reads them
         # through the same environments
-        extra: list[_Writer] = []
+        stores: list[ActivationStore] = []
         try:
             for i in range(1, count):
                 name = f"{shard}-w{i}" if shard else f"w{i}"
-                store = ActivationStore(
-                    spec.path,
-                    writable=True,
-                    map_size_gb=spec.map_size_gb,
-                    shard=name,
-                    read_others=False,
+                stores.append(
+                    ActivationStore(
+                        spec.path,
+                        writable=True,
+                        map_size_gb=spec.map_size_gb,
+                        shard=name,
+                        read_others=False,
+                    )
                 )
-                extra.append(_Writer(store))
-            self.store = ActivationStore(
-                spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
+            stores.insert(
+                0,
+                ActivationStore(
+                    spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
+                ),
             )
-            self._writers = [_Writer(self.store), *extra]
-            for writer in self._writers:
-                writer.store.mark_incomplete()
+            for store in stores:
+                store.mark_incomplete()
         except BaseException:
-            for writer in extra:
-                writer.store.close()
-            if getattr(self, "store", None) is not None:
-                self.store.close()
+            for store in stores:
+                store.close()
             raise
-        self._counting = threading.Lock()
-        self.written = 0
+        self.store = stores[0]
+        self._writers = [_Writer(store) for store in stores]
         self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
         self._room = threading.Condition()
         self._started = False
@@ -276,7 +277,7 @@ class CaptureSession:
             "prompt_token_ids": sample.prompt_token_ids,
             "generated_token_ids": sample.generated_token_ids,
         }
-        if not self._started:
+        if any(writer.thread is None for writer in self._writers):
             self._warn_if_mixed()
             self.store.refresh()  # its reads' snapshot goes before any writer grows a map
             for i, writer in enumerate(self._writers):
@@ -286,7 +287,6 @@ class CaptureSession:
                     )
                     thread.start()
                     writer.thread = thread
-            self._started = True
         size = acts.nbytes + sum(t.nbytes for t in optional.values())
         with self._room:
             while self._queued_bytes and self._queued_bytes + size > self._queue_bytes:
@@ -345,8 +345,6 @@ class CaptureSession:
                         writer.scratch = value.obj
                     writer.store.put(key, value)
                     writer.written += 1
-                    with self._counting:
-                        self.written += 1
             except BaseException as exc:  # re-raised by flush or the next write
                 self._failure = self._failure or exc
             finally:
@@ -356,6 +354,11 @@ class CaptureSession:
                     self._room.notify_all()
                 writer.queue.task_done()
         writer.queue.task_done()
+
+    @property
+    def written(self) -> int:
+        """Records written by this session's writers."""
+        return sum(writer.written for writer in self._writers)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
