@@ -4,8 +4,8 @@ Run by hand on a CUDA machine (not part of `make bench`): the model is built fro
 (no weights, no hub), the tokenizer comes from a local directory (`--tokenizer`; SmolLM2's
 does, the model's larger vocabulary only yields ids that decode to nothing). Greedy, exactly
 `--new-tokens` new tokens per prompt, float16 storage of the generated tokens, token statistics
-on (`capture_topk` default). Each round runs the plain backend, all 33 layer outputs and 4
-layers, in a rotating order, after one untimed round (CUDA kernels, the pinned-memory cache);
+on (`capture_topk` default). Each round runs the plain backend, all 33 layer outputs with each
+of `--writers` writer threads, and 4 layers, in a rotating order, after one untimed round (CUDA kernels, the pinned-memory cache);
 every capture call writes fresh records to a store on local disk. Cells of one batch per
 `generate_until` call show the whole tail (the last batch's records are written before the call
 returns); the `--per-call` cell runs several batches in one call, as a task does, where the
@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,10 +59,34 @@ TINY = {
 }
 
 
-def variants(n_layers: int) -> dict[str, str | None]:
-    """Backends by name: capture_layers, None for the plain one; 4 layers spread evenly."""
+def variants(n_layers: int, writers: list[int]) -> dict[str, tuple[str, int] | None]:
+    """Backends by name: (capture_layers, writer threads), None for the plain one; all layers
+    with each of `writers`, 4 layers spread evenly with the first."""
     four = f"0,{n_layers // 3},{2 * n_layers // 3},{n_layers}"
-    return {"plain": None, "all": "all", "4 layers": four}
+    named: dict[str, tuple[str, int] | None] = {"plain": None}
+    for count in writers:
+        named["all" if count == 1 else f"all, {count} writers"] = ("all", count)
+    named["4 layers"] = (four, writers[0])
+    return named
+
+
+def backend(model, tokenizer, batch: int, folder: str, name: str, capture) -> HalluLensHFLM:
+    """The plain backend (`capture` None) or one capturing into `folder/name`; the writer count
+    is read when the capture session opens, with the backend."""
+    if capture is None:
+        return HalluLensHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
+    layers, writers = capture
+    os.environ["HALLULENS_CAPTURE_WRITERS"] = str(writers)
+    try:
+        return HalluLensHFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch,
+            activations=f"{folder}/{name}",
+            capture_layers=layers,
+        )
+    finally:
+        del os.environ["HALLULENS_CAPTURE_WRITERS"]
 
 
 def build_model(shape: dict, device: str) -> transformers.PreTrainedModel:
@@ -117,23 +142,18 @@ def measure(
     batch, per_call, named = cell["batch"], cell["per_call"], cell["variants"]
     timer = model.generate
     backends = {
-        name: HalluLensHFLM(
-            pretrained=model,
-            tokenizer=tokenizer,
-            batch_size=batch,
-            **(
-                {}
-                if layers is None
-                else {"activations": f"{folder}/{name}", "capture_layers": layers}
-            ),
-        )
-        for name, layers in named.items()
+        name: backend(model, tokenizer, batch, folder, name, capture)
+        for name, capture in named.items()
     }
     times, inside, added = {n: [] for n in named}, {n: [] for n in named}, {}
     for round_ in range(rounds + (1 if cell["warm"] else 0)):
         timed = round_ or not cell["warm"]
         if timed and times["plain"] and time.perf_counter() > deadline:
             print(f"budget reached: {cell['name']} after {len(times['plain'])} rounds", flush=True)
+            break
+        if times["plain"] and shutil.disk_usage(folder).free < 1.5 * sum(added.values()):
+            # a round's stores stay until the cell ends (an 8B model's 3-batch cell adds 26 GB)
+            print(f"disk nearly full: {cell['name']} after {len(times['plain'])} rounds")
             break
         names = list(named)
         names = names[round_ % len(names) :] + names[: round_ % len(names)]
@@ -161,6 +181,7 @@ def measure(
         rows.append(
             {
                 "layers": name,
+                "writers": named[name][1],
                 "batch": batch,
                 "batches_per_call": per_call,
                 "rounds": len(times[name]),
@@ -187,6 +208,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=1e9, help="no round starts after this")
+    parser.add_argument("--writers", default="1,4", help="writer threads, all-layer variants")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer model (smoke test)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -194,12 +216,14 @@ def main() -> int:
     model = build_model(TINY if args.tiny else LLAMA_3_1_8B, device)
     model.generate = TimedGenerate(model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
-    named = variants(model.config.num_hidden_layers)
+    writers = [int(w) for w in args.writers.split(",")]
+    named = variants(model.config.num_hidden_layers, writers)
     first, *rest = [int(b) for b in args.batches.split(",")]
     cells = [{"name": f"b{first}", "batch": first, "per_call": 1, "variants": named, "warm": True}]
     if args.per_call > 1:
         cells.append({"name": f"b{first}x{args.per_call}", "batch": first,
-                      "per_call": args.per_call, "variants": {"plain": None, "all": "all"},
+                      "per_call": args.per_call,
+                      "variants": {k: v for k, v in named.items() if "layers" not in k},
                       "warm": False})  # fmt: skip
     cells += [{"name": f"b{b}", "batch": b, "per_call": 1, "variants": named, "warm": True}
               for b in rest]  # fmt: skip

@@ -48,12 +48,24 @@ ENV_WRITERS = "HALLULENS_CAPTURE_WRITERS"
 MAX_WRITERS = 16
 
 
-def writer_count() -> int:
-    """`HALLULENS_CAPTURE_WRITERS`: threads writing records (default 1), each into an LMDB
-    environment of its own, since one environment takes one write at a time: LMDB copies each
-    record into pages it maps per transaction, so where cores are free (a GPU host) several
-    environments write faster than one."""
-    text = os.environ.get(ENV_WRITERS, "1")
+def _local_processes() -> int:
+    """Processes of this run on this node (`LOCAL_WORLD_SIZE`, as torchrun and accelerate set
+    it), which share its memory and cores."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(local) if local.isdigit() and int(local) > 0 else 1
+
+
+def writer_count(cpus: int | None = None) -> int:
+    """`HALLULENS_CAPTURE_WRITERS`: threads writing records, each into an LMDB environment of its
+    own, since one environment takes one write at a time: LMDB copies each record into pages it
+    maps per transaction, so where cores are free (a GPU host) several environments write faster
+    than one. Default: one per 4 of the cores this process may use (`cpus`, else its affinity)
+    shared by the node's processes, 1..4 (an H200 host's 16 cores: 4, which halved the tail of
+    an 8B model's all-layer batch; these 2-core machines: 1)."""
+    text = os.environ.get(ENV_WRITERS)
+    if text is None:
+        cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+        return min(max(cpus // 4 // _local_processes(), 1), 4)
     if not text.isdigit() or not 1 <= int(text) <= MAX_WRITERS:
         raise CaptureConfigError(
             f"{ENV_WRITERS}={text!r}: expected a whole number from 1 to {MAX_WRITERS}"
@@ -62,18 +74,16 @@ def writer_count() -> int:
 
 
 def queue_bytes() -> int:
-    """Bytes of captured records that may wait for the writer thread before a producer waits (one
-    record of any size always gets in): what bounds capture's host memory beyond the engine's
-    current batch. `HALLULENS_CAPTURE_QUEUE_MB`, else an eighth of the machine's memory shared
-    by the processes of the node (`LOCAL_WORLD_SIZE`, as torchrun and accelerate set it), within
-    256 MiB..8 GiB: on a GPU host that holds a batch's records (4.4 GB for 64 answers of 256
-    tokens, all layers of an 8B model) while the engine runs the next batch."""
+    """Bytes of captured records that may wait for the writer threads before a producer waits
+    (one record of any size always gets in): what bounds capture's host memory beyond the
+    engine's current batch. `HALLULENS_CAPTURE_QUEUE_MB`, else an eighth of the machine's memory
+    shared by the node's processes, within 256 MiB..8 GiB: on a GPU host that holds a batch's
+    records (4.4 GB for 64 answers of 256 tokens, all layers of an 8B model) while the engine
+    runs the next batch."""
     text = os.environ.get(ENV_QUEUE_MB)
     if text is None:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        share = memory // 8 // (int(local) if local.isdigit() and int(local) > 0 else 1)
-        return min(max(share, 256 << 20), 8 << 30)
+        return min(max(memory // 8 // _local_processes(), 256 << 20), 8 << 30)
     try:
         megabytes = int(text)
     except ValueError:

@@ -26,6 +26,7 @@ from hallulens_capture.session import (
     CaptureSession,
     SampleRequest,
     queue_bytes,
+    writer_count,
 )
 from hallulens_capture.spec import CaptureSpec
 from hallulens_capture.store import ActivationStore
@@ -464,6 +465,29 @@ def test_several_writer_threads_each_write_a_shard_and_every_record_is_found(tmp
         monkeypatch.setenv(ENV_WRITERS, bad)
         with pytest.raises(CaptureConfigError, match=f"HALLULENS_CAPTURE_WRITERS='{bad}'"):
             CaptureSession(spec, [0, 1], "m", backend="test")
+
+
+def test_the_default_writer_count_follows_the_cores(monkeypatch):
+    monkeypatch.delenv(ENV_WRITERS, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cpus, expected in ((1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (64, 4)):
+        assert writer_count(cpus) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on a 16-core node: 2 writers each
+    assert writer_count(16) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert writer_count(16) == 1
+    monkeypatch.setenv(ENV_WRITERS, "3")  # the setting wins
+    assert writer_count(64) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv(ENV_WRITERS)
+    with open("/proc/self/status") as f:  # this process's own cores, read independently
+        allowed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+    count = sum(
+        int(b) - int(a) + 1 if "-" in part else 1
+        for part in allowed.split(",")
+        for a, _, b in [part.partition("-")]
+    )
+    assert writer_count() == min(max(count // 4, 1), 4)
 
 
 def test_the_writer_queue_size_setting(monkeypatch):
