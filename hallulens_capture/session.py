@@ -202,6 +202,7 @@ class CaptureSession:
             "capture_tokens": self.spec.tokens,
             "capture_dtype": self.spec.dtype,
             "capture_topk": self.spec.topk,
+            "capture_writers": len(self._writers),
         }
         if self.store.shard is not None:
             info["activations_shard"] = self.store.shard

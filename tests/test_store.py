@@ -434,6 +434,7 @@ def test_several_writer_threads_each_write_a_shard_and_every_record_is_found(tmp
         str(tmp_path / "s"), capture_tokens="prompt", capture_topk=0, environ={}
     )
     session = CaptureSession(spec, [0, 1], "m", backend="test")
+    assert session.info()["capture_writers"] == 3  # in the harness results' config and log
     requests = [SampleRequest(f"prompt {i}") for i in range(24)]
     keys, stored = session.plan(requests)
     assert stored == [None] * 24
