@@ -2,10 +2,10 @@
 
 Run by hand on a CUDA machine (not part of `make bench`): the model is built from its config (no
 weights, no hub), the tokenizer comes from a local directory (`--tokenizer`; SmolLM2's does, the
-model's larger vocabulary only yields ids that decode to nothing). Greedy, exactly `--new-
-tokens` new tokens per prompt, float16 storage of the generated tokens, token statistics on
-(`capture_topk` default). Each round runs the plain backend, all 33 layer outputs with each of
-`--writers` writer threads, and 4 layers, in a rotating order, after one untimed round (CUDA
+model's larger vocabulary only yields ids that decode to nothing). Greedy, exactly
+`--new-tokens` new tokens per prompt, float16 storage of the generated tokens, token statistics
+on (`capture_topk` default). Each round runs the plain backend, all 33 layer outputs with each
+of `--writers` writer threads, and 4 layers, in a rotating order, after one untimed round (CUDA
 kernels, the pinned-memory cache); every capture call writes fresh records to a store on local
 disk. Cells of one batch per `generate_until` call show the whole tail (the last batch's records
 are written before the call returns); the `--per-call` cell runs several batches in one call, as
