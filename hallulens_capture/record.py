@@ -23,6 +23,7 @@ verify`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -532,6 +533,14 @@ def activation_layout(key: str, buffer: memoryview) -> Layout:
     return Layout(label, shape, record._start + begin, ids)  # type: ignore[arg-type]
 
 
+@functools.lru_cache(maxsize=1024)
+def _tail_fields(tail: bytes) -> tuple | None:
+    """The fields of the writer's tensor entries: records of one shape share them (offsets are
+    relative to the data), so a read of many records matches each kind once."""
+    match = _WRITER_TAIL.fullmatch(tail)
+    return None if match is None else (match.group(1).decode(), *map(int, match.groups()[1:]))
+
+
 def _writer_layout(buffer: memoryview) -> Layout | None:
     size = len(buffer)
     if size < 8:
@@ -540,11 +549,11 @@ def _writer_layout(buffer: memoryview) -> Layout | None:
     if hlen > size - 8:
         return None
     tail = bytes(buffer[8 + hlen - min(hlen, _TAIL_WINDOW) : 8 + hlen])  # not the prompt
-    match = _WRITER_TAIL.fullmatch(tail, max(tail.rfind(_TAIL_START), 0))
-    if match is None:
+    entries = tail.rfind(_TAIL_START)
+    fields = _tail_fields(tail[entries:]) if entries >= 0 else None
+    if fields is None:
         return None
-    label = match.group(1).decode()
-    layers, tokens, hidden, begin, end, count, ids_begin, ids_end = map(int, match.groups()[1:])
+    label, layers, tokens, hidden, begin, end, count, ids_begin, ids_end = fields
     data = size - 8 - hlen
     if (
         count != layers

@@ -597,19 +597,19 @@ class ActivationStore(Mapping[str, Record]):
             return out
         pieces = out.view(np.uint8).reshape(len(keys), -1, span)
         offsets = offsets.reshape(len(keys), -1)
-        mapped: dict[int, np.ndarray] = {}  # buffer -> its bytes as an array (one per file)
-        data = []
+        group_of: dict[int, int] = {}  # buffer -> its group (one per mapped file)
+        buffers: list[memoryview] = []
         for buffer, *_ in places:
-            array = mapped.get(id(buffer))
-            if array is None:
-                array = mapped[id(buffer)] = np.frombuffer(buffer, np.uint8)
-            data.append(array)
-        sizes = np.fromiter((d.size for d in data), np.int64, len(data))
+            if group_of.setdefault(id(buffer), len(buffers)) == len(buffers):
+                buffers.append(buffer)
+        groups = np.fromiter((group_of[id(b)] for b, *_ in places), np.int64, len(places))
+        sizes = np.array([len(b) for b in buffers], np.int64)[groups]
         if offsets.size and (offsets.min() < 0 or (offsets.max(axis=1) + span > sizes).any()):
             raise StoreError(f"{self.path}: a record's layout points outside its data")
-        for record, bytes_of, starts_of_record in zip(pieces, data, offsets.tolist(), strict=True):
-            for piece, at in zip(record, starts_of_record, strict=True):  # one copy each
-                piece[...] = bytes_of[at : at + span]
+        flat = pieces.reshape(-1, span)
+        for group, buffer in enumerate(buffers):
+            chosen = np.flatnonzero(np.repeat(groups == group, offsets.shape[1]))
+            _gather(flat, chosen, offsets.reshape(-1)[chosen], np.frombuffer(buffer, np.uint8))
         return bf16_to_f32(out) if first.label == "BF16" else out
 
     def _unlike(self, key: str, what: str, first: Layout) -> StoreError:
@@ -795,6 +795,30 @@ class ActivationStore(Mapping[str, Record]):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _gather(flat: np.ndarray, rows: np.ndarray, offsets: np.ndarray, data: np.ndarray) -> None:
+    """`flat[rows[i]] = data[offsets[i] : offsets[i] + span]` for every i, in a few copies: in
+    offset order, pieces an equal step apart (records of one size written one after another
+    lie so in LMDB's file, a leaf page now and then between them) are one strided view, copied
+    in one call."""
+    if not len(offsets):
+        return
+    span = flat.shape[1]
+    order = np.argsort(offsets, kind="stable")
+    at, rows = offsets[order], rows[order]
+    steps = np.diff(at)
+    ends = [*(np.flatnonzero(steps[1:] != steps[:-1]) + 1).tolist(), len(at)]
+    begin = 0
+    for end in ends:
+        if end - begin == 1:
+            flat[rows[begin]] = data[at[begin] : at[begin] + span]
+        else:
+            run = np.lib.stride_tricks.as_strided(
+                data[at[begin] :], (end - begin, span), (int(steps[begin]), 1), writeable=False
+            )
+            flat[rows[begin:end]] = run
+        begin = end
 
 
 def _token_starts(

@@ -569,6 +569,24 @@ def test_read_many_equals_slicing_the_arrays_that_were_written(tmp_path):
             store.read_many(["nope"], layers=0)
 
 
+def test_read_many_of_records_lying_an_equal_step_apart(tmp_path):
+    """Records of one size written in sequence lie an equal step apart in LMDB's file (read in
+    strided runs): any order, a key twice, several layers and tokens, two shards."""
+    written = random_records(36, layers=(0, 4, 9, 12), tokens=(80, 81))  # 10 KB: own pages
+    keys = list(written)
+    for r in range(2):
+        with ActivationStore(tmp_path / "s", writable=True, shard=f"rank{r}") as store:
+            for key in keys[r::2]:
+                store.put(key, written[key][1])
+    order = [*np.random.default_rng(3).permutation(keys).tolist(), keys[5]]
+    with open_store(tmp_path / "s") as store:
+        got = store.read_many(order, layers=[12, 4], tokens=slice(3, 70))
+        picked = store.read_many(order, layers=0, tokens=[79, 0, 40])
+    for i, key in enumerate(order):
+        np.testing.assert_array_equal(got[i], written[key][0][[3, 1], 3:70])
+        np.testing.assert_array_equal(picked[i, 0], written[key][0][0, [79, 0, 40]])
+
+
 def test_read_many_of_bfloat16_returns_float32(tmp_path):
     written = random_records(5, "BF16")
     with ActivationStore(tmp_path / "s", writable=True) as store:
