@@ -10,6 +10,11 @@ rows of B answers, each step of them in a block [33 layers, B, 1, 4096] float16 
 log keeps them, handed to the record writer (`CaptureSession`) and synced, ÷ appending the same
 bytes to a plain file and syncing it; "producer" is the caller's time until the last row is
 queued (what a GPU waits before its next batch).
+
+Final sync (`final_sync`): a call of several such batches with the engine's time between them
+(a pause), then the sync that ends the call, with the writer having the kernel start writing
+its file out every `session.WRITEBACK_BYTES` and without (without, the committed pages wait in
+memory until that sync).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from common import save, side_by_side, table
 from lm_eval.api.instance import Instance
 
+from hallulens_capture import session
 from hallulens_capture.keys import record_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
@@ -104,6 +110,55 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=5) -> dict[str, object]:
     return {"rows": rows, "repeats": repeats, "storage": "float16", "tokens": "generated"}
 
 
+def step_log(batch: int, steps: int, layers: int, hidden: int) -> StepLog:
+    """A finished batch's step log as HF capture keeps it, random float16 rows."""
+    log = StepLog(layers, hidden, torch.float16, cuda=False)
+    for step in range(1, steps + 1):
+        log.blocks[step] = torch.randn(layers, batch, 1, hidden).half()
+    return log
+
+
+def final_sync(
+    batches: int = 3, pause: float = 3.0, batch: int = 16, steps: int = 128, repeats: int = 3
+) -> dict[str, object]:
+    """Seconds of the sync ending a call of `batches` batches `pause` apart, with and without
+    the writer starting the kernel's write-out as it goes (alternating)."""
+    layers, hidden = 33, 4096
+    log = step_log(batch, steps, layers, hidden)
+    positions = token_positions("generated", 2, steps)
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    every = session.WRITEBACK_BYTES
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        for i in range(repeats):
+            for name in ("with", "without") if i % 2 == 0 else ("without", "with"):
+                path = f"{tmp}/{name}{i}"
+                spec = CaptureSpec.from_model_args(
+                    path, capture_tokens="generated", capture_topk=0, environ={}
+                )
+                session.WRITEBACK_BYTES = every if name == "with" else 1 << 62  # or never
+                writer = CaptureSession(spec, list(range(layers)), "m", "hf", writers=1)
+                for b in range(batches):
+                    for row in range(batch):
+                        sample = CapturedSample(
+                            [1, 2], list(range(steps)), positions, log.row(row, 0, steps - 1)
+                        )
+                        request = SampleRequest(f"{path} batch {b} row {row}")
+                        writer.write(record_key(request.prompt), request, "r", sample)
+                    time.sleep(pause)  # the engine runs the next batch
+                start = time.perf_counter()
+                writer.close()
+                times[name].append(time.perf_counter() - start)
+                shutil.rmtree(path)
+    session.WRITEBACK_BYTES = every
+    return {
+        "batches": batches,
+        "pause_s": pause,
+        "gb": batches * batch * (steps - 1) * layers * hidden * 2 / 1e9,
+        "with_s": statistics.median(times["with"]),
+        "without_s": statistics.median(times["without"]),
+    }
+
+
 def handover(
     batch: int = 16,
     steps: int = 128,
@@ -114,9 +169,7 @@ def handover(
 ) -> dict[str, object]:
     """Seconds to store one finished batch's rows through the writer ÷ a plain synced file
     (`writers`: as HALLULENS_CAPTURE_WRITERS)."""
-    log = StepLog(layers, hidden, torch.float16, cuda=False)
-    for step in range(1, steps + 1):
-        log.blocks[step] = torch.randn(layers, batch, 1, hidden).half()
+    log = step_log(batch, steps, layers, hidden)
     positions = token_positions("generated", 2, steps)
     nbytes = batch * (steps - 1) * layers * hidden * 2
     times: dict[str, list[float]] = {"session": [], "plain": [], "producer": []}
@@ -198,5 +251,12 @@ if __name__ == "__main__":
                 for h in result["handover"]
             ],
         )
+    )
+    result["final_sync"] = final_sync(repeats=3 if quick else 5)
+    f = result["final_sync"]
+    print(
+        f"Sync ending a call of {f['batches']} batches {f['pause_s']} s apart ({f['gb']:.2f} GB): "
+        f"{f['with_s']:.3f} s with the write-out started as records come, "
+        f"{f['without_s']:.3f} s without"
     )
     print("wrote", save("capture_hf", result))

@@ -14,12 +14,14 @@ every committed record whole. The map grows on `MapFullError` and the write is r
 in other processes pick the new size up.
 `sync=False`: a committed record survives the writer process being killed (the kernel has it);
 only a machine crash before the next `sync()` (after each harness request batch, and on close)
-may lose the last ones.
+may lose the last ones. `start_writeback()` has the kernel begin writing committed pages out in
+between, so that the disk works while the engine does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import heapq
 import itertools
@@ -163,6 +165,26 @@ def shard_dir(path: str, name: str) -> str:
     return os.path.join(path, SHARDS, name)
 
 
+def _load_sync_file_range():
+    """libc's sync_file_range (Linux), or None where there is none."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing dirty pages out; do not wait
+
+
+def _start_writeback(fd: int) -> bool:
+    """Start the write-out of a file's dirty pages, all of it; False where the call is missing
+    or fails (a hint only: the next sync writes them)."""
+    return _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 def _natural(name: str) -> list:
     """Sort key putting rank2 before rank10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -237,6 +259,7 @@ class _Environment:
         self.max_key = self.env.max_key_size()
         self.txn: lmdb.Transaction | None = None
         self.located: tuple[memoryview, dict[bytes, tuple[int, int]]] | bool | None = None
+        self._writeback_fd: int | None = None
         try:
             self.records, self.info = self._open_dbs(create)
         except BaseException:
@@ -393,6 +416,15 @@ class _Environment:
     def sync(self) -> None:
         self.env.sync(True)
 
+    def start_writeback(self) -> bool:
+        """Have the kernel start writing the committed pages to disk, without waiting for them
+        (records are committed with sync=False, and the kernel otherwise keeps them in memory for
+        up to 30 s or until a tenth of memory is dirty: on a GPU host all of a long call's
+        records, which the sync at its end then writes while the engine waits)."""
+        if self._writeback_fd is None:
+            self._writeback_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY)
+        return _start_writeback(self._writeback_fd)
+
     def grow(self, needed: int) -> None:
         current = self.map_size()
         new = max(current * 2, current + 2 * needed + (1 << 20))
@@ -411,6 +443,9 @@ class _Environment:
 
     def close(self) -> None:
         self.refresh()
+        if self._writeback_fd is not None:
+            os.close(self._writeback_fd)
+            self._writeback_fd = None
         _release_env(self.path)
 
 
@@ -774,6 +809,11 @@ class ActivationStore(Mapping[str, Record]):
     def sync(self) -> None:
         """Flush committed records to disk (writes use sync=False; see the module docstring)."""
         self._writer().sync()
+
+    def start_writeback(self) -> bool:
+        """Start writing committed records to disk without waiting (a later `sync` waits less);
+        False where the kernel cannot be asked (not Linux)."""
+        return self._writer().start_writeback()
 
     # --- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
