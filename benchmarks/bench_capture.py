@@ -13,7 +13,7 @@ queued (what a GPU waits before its next batch).
 
 Final sync (`final_sync`): a call of several such batches with the engine's time between them
 (a pause), then the sync that ends the call, with the writer having the kernel start writing
-its file out every `session.WRITEBACK_BYTES` and without (without, the committed pages wait in
+its file out every `store.WRITEBACK_BYTES` and without (without, the committed pages wait in
 memory until that sync).
 """
 
@@ -33,7 +33,7 @@ import torch
 from common import save, side_by_side, table
 from lm_eval.api.instance import Instance
 
-from hallulens_capture import session
+from hallulens_capture import store as store_module
 from hallulens_capture.keys import record_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
@@ -127,7 +127,7 @@ def final_sync(
     log = step_log(batch, steps, layers, hidden)
     positions = token_positions("generated", 2, steps)
     times: dict[str, list[float]] = {"with": [], "without": []}
-    every = session.WRITEBACK_BYTES
+    every = store_module.WRITEBACK_BYTES
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for i in range(repeats):
             for name in ("with", "without") if i % 2 == 0 else ("without", "with"):
@@ -135,7 +135,7 @@ def final_sync(
                 spec = CaptureSpec.from_model_args(
                     path, capture_tokens="generated", capture_topk=0, environ={}
                 )
-                session.WRITEBACK_BYTES = every if name == "with" else 1 << 62  # or never
+                store_module.WRITEBACK_BYTES = every if name == "with" else 1 << 62  # or never
                 writer = CaptureSession(spec, list(range(layers)), "m", "hf", writers=1)
                 for b in range(batches):
                     for row in range(batch):
@@ -149,7 +149,7 @@ def final_sync(
                 writer.close()
                 times[name].append(time.perf_counter() - start)
                 shutil.rmtree(path)
-    session.WRITEBACK_BYTES = every
+    store_module.WRITEBACK_BYTES = every
     return {
         "batches": batches,
         "pause_s": pause,

@@ -46,9 +46,6 @@ log = logging.getLogger(__name__)
 ENV_QUEUE_MB = "HALLULENS_CAPTURE_QUEUE_MB"
 ENV_WRITERS = "HALLULENS_CAPTURE_WRITERS"
 MAX_WRITERS = 16
-# committed bytes after which a writer has the kernel start writing its file out: the disk then
-# works while the engine runs, and the sync that ends a call waits for the last of them only
-WRITEBACK_BYTES = 64 << 20
 
 
 def _local_processes() -> int:
@@ -359,10 +356,6 @@ class CaptureSession:
                         writer.scratch = value.obj
                     writer.store.put(key, value)
                     writer.written += 1
-                    writer.unwritten_bytes += len(value)
-                    if writer.unwritten_bytes >= WRITEBACK_BYTES:
-                        writer.store.start_writeback()
-                        writer.unwritten_bytes = 0
             except BaseException as exc:  # re-raised by flush or the next write
                 self._failure = self._failure or exc
             finally:
@@ -425,7 +418,6 @@ class _Writer:
         self.scratch = bytearray()
         self.thread: threading.Thread | None = None
         self.written = 0
-        self.unwritten_bytes = 0  # committed since the kernel was last asked to write them out
 
 
 def _differences(found: dict[str, str], wanted: dict[str, str]) -> list[str]:

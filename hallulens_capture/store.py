@@ -176,6 +176,9 @@ def _load_sync_file_range():
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+# committed bytes after which a writer has the kernel start writing its file out: the disk then
+# works while the writer (and the engine) go on, and the next sync waits for the last ones only
+WRITEBACK_BYTES = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # start writing dirty pages out; do not wait
 
 
@@ -260,6 +263,7 @@ class _Environment:
         self.txn: lmdb.Transaction | None = None
         self.located: tuple[memoryview, dict[bytes, tuple[int, int]]] | bool | None = None
         self._writeback_fd: int | None = None
+        self.unwritten_bytes = 0  # committed since the kernel was last asked to write them out
         try:
             self.records, self.info = self._open_dbs(create)
         except BaseException:
@@ -383,7 +387,11 @@ class _Environment:
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    return txn.put(encoded, value, db=self.records, overwrite=False)
+                    added = txn.put(encoded, value, db=self.records, overwrite=False)
+                self.unwritten_bytes += len(value)
+                if self.unwritten_bytes >= WRITEBACK_BYTES:
+                    self.start_writeback()
+                return added
             except lmdb.MapFullError:
                 self.grow(len(value))
             except lmdb.MapResizedError:
@@ -423,6 +431,7 @@ class _Environment:
         records, which the sync at its end then writes while the engine waits)."""
         if self._writeback_fd is None:
             self._writeback_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY)
+        self.unwritten_bytes = 0
         return _start_writeback(self._writeback_fd)
 
     def grow(self, needed: int) -> None:

@@ -471,9 +471,9 @@ def test_several_writer_threads_each_write_a_shard_and_every_record_is_found(tmp
 def test_writers_start_the_write_out_as_records_come(tmp_path, monkeypatch):
     """Every record starts the kernel's write-out of its writer's file (WRITEBACK_BYTES=1),
     the root environment's and the shards': the records stay whole and the call is accepted."""
-    from hallulens_capture import session as session_module
+    from hallulens_capture import store as store_module
 
-    monkeypatch.setattr(session_module, "WRITEBACK_BYTES", 1)
+    monkeypatch.setattr(store_module, "WRITEBACK_BYTES", 1)
     monkeypatch.setenv(ENV_WRITERS, "2")
     spec = CaptureSpec.from_model_args(
         str(tmp_path / "s"), capture_tokens="prompt", capture_topk=0, environ={}
@@ -486,7 +486,7 @@ def test_writers_start_the_write_out_as_records_come(tmp_path, monkeypatch):
         session.write(key, request, f"r{i}", CapturedSample([i, i, i], [1], np.arange(3), acts))
     session.flush()
     assert [writer.store.start_writeback() for writer in session._writers] == [True, True]
-    assert all(writer.unwritten_bytes == 0 for writer in session._writers)
+    assert all(writer.store._writer().unwritten_bytes == 0 for writer in session._writers)
     session.close()
     with open_store(tmp_path / "s") as store:
         assert len(store.shards()) == 1  # w1, beside the root environment
