@@ -19,6 +19,7 @@ memory until that sync).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -128,7 +129,11 @@ def final_sync(
     positions = token_positions("generated", 2, steps)
     times: dict[str, list[float]] = {"with": [], "without": []}
     every = store_module.WRITEBACK_BYTES
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+    with (
+        tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp,
+        contextlib.ExitStack() as restore,
+    ):
+        restore.callback(setattr, store_module, "WRITEBACK_BYTES", every)
         for i in range(repeats):
             for name in ("with", "without") if i % 2 == 0 else ("without", "with"):
                 path = f"{tmp}/{name}{i}"
@@ -149,7 +154,6 @@ def final_sync(
                 writer.close()
                 times[name].append(time.perf_counter() - start)
                 shutil.rmtree(path)
-    store_module.WRITEBACK_BYTES = every
     return {
         "batches": batches,
         "pause_s": pause,

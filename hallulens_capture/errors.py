@@ -17,6 +17,10 @@ class StoreError(HalluLensError):
     """The activation store cannot be opened, read or written."""
 
 
+class ShardBusyError(StoreError):
+    """Another writer (another process, or another open store in this one) holds the shard."""
+
+
 class RecordFormatError(StoreError):
     """A stored value is not a valid record; `problem` is the message without the key (what
     `verify` prints after the key)."""

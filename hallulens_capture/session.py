@@ -6,7 +6,7 @@ looks every request up in the store: a request whose record exists is not genera
 (its stored response is returned), which is how an interrupted run resumes.
 
 Checks run at once, in the caller's thread; encoding and the LMDB write run on writer threads
-(one by default, `writer_count()`; each writes an LMDB environment of its own) behind queues
+(one per 4 cores, 1..4, `writer_count()`; each writes an LMDB environment of its own) behind queues
 bounded together in bytes (`queue_bytes()`, whatever the size of a record), so an engine goes on
 generating while records are written. Each record is one LMDB transaction: committed whole or not
 at all. `flush()` waits for the queues and raises what a writer met (a full disk, say).
@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hallulens_capture.errors import CaptureConfigError, CaptureError, RecordFormatError, StoreError
+from hallulens_capture.errors import (
+    CaptureConfigError,
+    CaptureError,
+    RecordFormatError,
+    ShardBusyError,
+    StoreError,
+)
 from hallulens_capture.keys import occurrence_keys, record_key
 from hallulens_capture.positions import token_positions
 from hallulens_capture.record import (
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 ENV_QUEUE_MB = "HALLULENS_CAPTURE_QUEUE_MB"
 ENV_WRITERS = "HALLULENS_CAPTURE_WRITERS"
 MAX_WRITERS = 16
+MAX_SESSION_SHARDS = 64  # busy writer shards passed over before giving up
 
 
 def _local_processes() -> int:
@@ -64,7 +71,9 @@ def writer_count(cpus: int | None = None) -> int:
     an 8B model's all-layer batch; these 2-core machines: 1)."""
     text = os.environ.get(ENV_WRITERS)
     if text is None:
-        cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+        if cpus is None:
+            affinity = getattr(os, "sched_getaffinity", None)  # Linux; else every core
+            cpus = len(affinity(0)) if affinity else os.cpu_count() or 1
         return min(max(cpus // 4 // _local_processes(), 1), 4)
     if not text.isdigit() or not 1 <= int(text) <= MAX_WRITERS:
         raise CaptureConfigError(
@@ -161,20 +170,28 @@ class CaptureSession:
         self._queue_bytes = queue_bytes()  # bad settings fail before anything is opened
         # writers beyond the first write shards of their own (`<shard>-w<i>` or `w<i>`), opened
         # first and reading nothing else, so that the session's store, opened last, reads them
-        # through the same environments
+        # through the same environments; one another writer holds (an earlier session of this
+        # process on the same store, still open) is passed over for the next free name
         stores: list[ActivationStore] = []
         try:
-            for i in range(1, count):
-                name = f"{shard}-w{i}" if shard else f"w{i}"
-                stores.append(
-                    ActivationStore(
-                        spec.path,
-                        writable=True,
-                        map_size_gb=spec.map_size_gb,
-                        shard=name,
-                        read_others=False,
+            busy: ShardBusyError | None = None
+            for i in range(1, count + MAX_SESSION_SHARDS):
+                if len(stores) == count - 1:
+                    break
+                try:
+                    stores.append(
+                        ActivationStore(
+                            spec.path,
+                            writable=True,
+                            map_size_gb=spec.map_size_gb,
+                            shard=f"{shard}-w{i}" if shard else f"w{i}",
+                            read_others=False,
+                        )
                     )
-                )
+                except ShardBusyError as exc:
+                    busy = exc
+            if len(stores) < count - 1:
+                raise busy  # type: ignore[misc]
             stores.insert(
                 0,
                 ActivationStore(

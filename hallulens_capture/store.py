@@ -40,7 +40,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from hallulens_capture.errors import RecordConflictError, StoreError
+from hallulens_capture.errors import RecordConflictError, ShardBusyError, StoreError
 from hallulens_capture.keys import shown_key
 from hallulens_capture.lmdbfile import LayoutError, check_data_file, read_meta, value_spans
 from hallulens_capture.record import (
@@ -183,9 +183,9 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writing dirty pages out; do not wait
 
 
 def _start_writeback(fd: int) -> bool:
-    """Start the write-out of a file's dirty pages, all of it; False where the call is missing
-    or fails (a hint only: the next sync writes them)."""
-    return _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+    """Start the write-out of a file's dirty pages, all of it; False where the call fails (a
+    hint only: the next sync writes them)."""
+    return _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0  # type: ignore[misc]
 
 
 def _natural(name: str) -> list:
@@ -221,7 +221,7 @@ def _lock_shard(directory: str, name: str, store: str) -> int:
     except OSError:
         os.close(fd)
         holder = _read_text(os.path.join(directory, WRITER_LOCK)) or "another process"
-        raise StoreError(
+        raise ShardBusyError(
             f"{store}: shard {name} is being written by {holder}; every writing process needs "
             "a shard of its own (two jobs with the same capture_shard?)"
         ) from None
@@ -429,9 +429,15 @@ class _Environment:
         (records are committed with sync=False, and the kernel otherwise keeps them in memory for
         up to 30 s or until a tenth of memory is dirty: on a GPU host all of a long call's
         records, which the sync at its end then writes while the engine waits)."""
-        if self._writeback_fd is None:
-            self._writeback_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY)
         self.unwritten_bytes = 0
+        if _SYNC_FILE_RANGE is None:
+            return False
+        try:  # a hint: never fails the record just committed (too many open files, say)
+            if self._writeback_fd is None:
+                self._writeback_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY)
+        except OSError as exc:
+            log.debug("%s: no write-out hint (%s)", self.path, exc)
+            return False
         return _start_writeback(self._writeback_fd)
 
     def grow(self, needed: int) -> None:
@@ -451,10 +457,10 @@ class _Environment:
             ) from None
 
     def close(self) -> None:
-        self.refresh()
         if self._writeback_fd is not None:
             os.close(self._writeback_fd)
             self._writeback_fd = None
+        self.refresh()
         _release_env(self.path)
 
 
@@ -650,10 +656,13 @@ class ActivationStore(Mapping[str, Record]):
         sizes = np.array([len(b) for b in buffers], np.int64)[groups]
         if offsets.size and (offsets.min() < 0 or (offsets.max(axis=1) + span > sizes).any()):
             raise StoreError(f"{self.path}: a record's layout points outside its data")
-        flat = pieces.reshape(-1, span)
-        for group, buffer in enumerate(buffers):
-            chosen = np.flatnonzero(np.repeat(groups == group, offsets.shape[1]))
-            _gather(flat, chosen, offsets.reshape(-1)[chosen], np.frombuffer(buffer, np.uint8))
+        flat, at = pieces.reshape(-1, span), offsets.reshape(-1)
+        # pieces by buffer (a file, or for a writer each record's own bytes), in one sort
+        by_group = np.argsort(np.repeat(groups, offsets.shape[1]), kind="stable")
+        bounds = np.searchsorted(groups[by_group // max(offsets.shape[1], 1)], range(len(buffers)))
+        for group, (lo, hi) in enumerate(itertools.pairwise([*bounds.tolist(), len(by_group)])):
+            chosen = by_group[lo:hi]
+            _gather(flat, chosen, at[chosen], np.frombuffer(buffers[group], np.uint8))
         return bf16_to_f32(out) if first.label == "BF16" else out
 
     def _unlike(self, key: str, what: str, first: Layout) -> StoreError:

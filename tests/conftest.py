@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEST_TASKS = ROOT / "tests" / "tasks"
 
+# One record-writer thread, the default on these 2-core machines, also on a bigger host (the
+# default there is one per 4 cores): tests that count shards or name the root environment in
+# an error assume it; tests of several writers set their own (monkeypatch, inherited by the
+# processes they start).
+os.environ["HALLULENS_CAPTURE_WRITERS"] = "1"
+
 # accuracy figures reported at the end of the run (name -> text)
 FIGURES: dict[str, str] = {}
 

@@ -4,6 +4,7 @@ what a damaged store, an odd key, a huge map or a mixed store do to it."""
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -493,6 +494,63 @@ def test_writers_start_the_write_out_as_records_come(tmp_path, monkeypatch):
         for i, key in enumerate(keys):
             assert store[key].response == f"r{i}"
             assert np.all(store[key].all_layers_activations == i)
+
+
+def test_a_second_session_of_the_process_passes_over_the_writer_shards_of_the_first(
+    tmp_path, monkeypatch
+):
+    """An earlier session on the same store still open in this process (a notebook's rerun)
+    holds shards w1, w2: a second one with three writers takes w3, w4, and every record of
+    both is found."""
+    monkeypatch.setenv(ENV_WRITERS, "3")
+    spec = CaptureSpec.from_model_args(
+        str(tmp_path / "s"), capture_tokens="prompt", capture_topk=0, environ={}
+    )
+    sessions = [CaptureSession(spec, [0, 1], "m", backend="test") for _ in range(2)]
+    assert sessions[1].info()["capture_writers"] == 3
+    requests = [SampleRequest(f"prompt {i}") for i in range(12)]
+    for n, session in enumerate(sessions):
+        part = requests[n * 6 : n * 6 + 6]
+        keys, stored = session.plan(part)
+        assert stored == [None] * 6
+        for key, request in zip(keys, part, strict=True):
+            acts = np.full((2, 3, 8), int(request.prompt.split()[1]), dtype=np.float16)
+            session.write(key, request, "r", CapturedSample([1, 2, 3], [1], np.arange(3), acts))
+        session.finish()
+    for session in sessions:
+        session.close()
+    with open_store(tmp_path / "s") as store:
+        assert sorted(s["name"] for s in store.shards()) == ["w1", "w2", "w3", "w4"]
+        assert len(store) == 12
+        for request in requests:
+            record = store[record_key(request.prompt)]
+            assert np.all(record.all_layers_activations == int(request.prompt.split()[1]))
+
+
+def test_a_failed_write_out_hint_never_fails_the_record_it_follows(tmp_path, monkeypatch):
+    """No descriptor left for the hint's file (RLIMIT_NOFILE at the lowest free one): the
+    records are written and stored whole."""
+    from hallulens_capture import store as store_module
+
+    monkeypatch.setattr(store_module, "WRITEBACK_BYTES", 1)
+    written = random_records(4)
+    with ActivationStore(tmp_path / "s", writable=True) as store:
+        lowest_free = os.open(os.devnull, os.O_RDONLY)  # POSIX: the lowest free number
+        os.close(lowest_free)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            with pytest.raises(OSError):
+                os.open(os.devnull, os.O_RDONLY)  # the limit bites
+            for key, (_, value) in written.items():
+                store.put(key, value)
+            assert not store.start_writeback()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert store.start_writeback()  # with descriptors again
+    with open_store(tmp_path / "s") as store:
+        for key, (acts, _) in written.items():
+            np.testing.assert_array_equal(store[key].all_layers_activations, acts)
 
 
 def test_the_default_writer_count_follows_the_cores(monkeypatch):
