@@ -18,7 +18,12 @@ class StoreError(HalluLensError):
 
 
 class ShardBusyError(StoreError):
-    """Another writer (another process, or another open store in this one) holds the shard."""
+    """Another writer holds the shard: another process, or (`ours`) another open store of this
+    process."""
+
+    def __init__(self, message: str, ours: bool):
+        super().__init__(message)
+        self.ours = ours
 
 
 class RecordFormatError(StoreError):

@@ -170,8 +170,8 @@ class CaptureSession:
         self._queue_bytes = queue_bytes()  # bad settings fail before anything is opened
         # writers beyond the first write shards of their own (`<shard>-w<i>` or `w<i>`), opened
         # first and reading nothing else, so that the session's store, opened last, reads them
-        # through the same environments; one another writer holds (an earlier session of this
-        # process on the same store, still open) is passed over for the next free name
+        # through the same environments; one an earlier session of this process on the same
+        # store holds (still open: a notebook's rerun) is passed over for the next free name
         stores: list[ActivationStore] = []
         try:
             busy: ShardBusyError | None = None
@@ -189,6 +189,8 @@ class CaptureSession:
                         )
                     )
                 except ShardBusyError as exc:
+                    if not exc.ours:  # another process writes this store's writer shards
+                        raise
                     busy = exc
             if len(stores) < count - 1:
                 raise busy  # type: ignore[misc]

@@ -223,11 +223,17 @@ def _lock_shard(directory: str, name: str, store: str) -> int:
         holder = _read_text(os.path.join(directory, WRITER_LOCK)) or "another process"
         raise ShardBusyError(
             f"{store}: shard {name} is being written by {holder}; every writing process needs "
-            "a shard of its own (two jobs with the same capture_shard?)"
+            "a shard of its own (two jobs with the same capture_shard?)",
+            ours=holder == _writer_text(),
         ) from None
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    os.write(fd, _writer_text().encode())
     return fd
+
+
+def _writer_text() -> str:
+    """Who holds a shard's writer lock, as its lock file says."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def _lock_held(directory: str) -> bool | None:

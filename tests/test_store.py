@@ -527,6 +527,33 @@ def test_a_second_session_of_the_process_passes_over_the_writer_shards_of_the_fi
             assert np.all(record.all_layers_activations == int(request.prompt.split()[1]))
 
 
+def test_writer_shards_another_process_holds_are_not_passed_over(tmp_path, monkeypatch):
+    """Two processes writing one store's writer shards is two runs on one store at once: the
+    second is stopped, as before, naming the holder."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from hallulens_capture.store import ActivationStore; "
+            f"s = ActivationStore({str(tmp_path / 's')!r}, writable=True, shard='w1'); "
+            "print('ready', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        monkeypatch.setenv(ENV_WRITERS, "3")
+        spec = CaptureSpec.from_model_args(
+            str(tmp_path / "s"), capture_tokens="prompt", capture_topk=0, environ={}
+        )
+        with pytest.raises(StoreError, match=rf"shard w1 is being written by pid {holder.pid} "):
+            CaptureSession(spec, [0, 1], "m", backend="test")
+    finally:
+        holder.communicate("")
+
+
 def test_a_failed_write_out_hint_never_fails_the_record_it_follows(tmp_path, monkeypatch):
     """No descriptor left for the hint's file (RLIMIT_NOFILE at the lowest free one): the
     records are written and stored whole."""
