@@ -119,6 +119,21 @@ def step_log(batch: int, steps: int, layers: int, hidden: int) -> StepLog:
     return log
 
 
+def row_writer(path: str, layers: int, writers: int) -> CaptureSession:
+    """A capture session of generated tokens into a fresh store at `path`, without statistics."""
+    spec = CaptureSpec.from_model_args(path, capture_tokens="generated", capture_topk=0, environ={})
+    return CaptureSession(spec, list(range(layers)), "m", "hf", writers=writers)
+
+
+def write_batch(writer: CaptureSession, log: StepLog, batch: int, steps: int, label: str) -> None:
+    """Hand a finished batch's rows to the writer, as HF capture does."""
+    positions = token_positions("generated", 2, steps)
+    for row in range(batch):
+        sample = CapturedSample([1, 2], list(range(steps)), positions, log.row(row, 0, steps - 1))
+        request = SampleRequest(f"{label} row {row}")
+        writer.write(record_key(request.prompt), request, "r", sample)
+
+
 def final_sync(
     batches: int = 3, pause: float = 3.0, batch: int = 16, steps: int = 128, repeats: int = 3
 ) -> dict[str, object]:
@@ -126,7 +141,6 @@ def final_sync(
     the writer starting the kernel's write-out as it goes (alternating)."""
     layers, hidden = 33, 4096
     log = step_log(batch, steps, layers, hidden)
-    positions = token_positions("generated", 2, steps)
     times: dict[str, list[float]] = {"with": [], "without": []}
     every = store_module.WRITEBACK_BYTES
     with (
@@ -137,18 +151,10 @@ def final_sync(
         for i in range(repeats):
             for name in ("with", "without") if i % 2 == 0 else ("without", "with"):
                 path = f"{tmp}/{name}{i}"
-                spec = CaptureSpec.from_model_args(
-                    path, capture_tokens="generated", capture_topk=0, environ={}
-                )
                 store_module.WRITEBACK_BYTES = every if name == "with" else 1 << 62  # or never
-                writer = CaptureSession(spec, list(range(layers)), "m", "hf", writers=1)
+                writer = row_writer(path, layers, writers=1)
                 for b in range(batches):
-                    for row in range(batch):
-                        sample = CapturedSample(
-                            [1, 2], list(range(steps)), positions, log.row(row, 0, steps - 1)
-                        )
-                        request = SampleRequest(f"{path} batch {b} row {row}")
-                        writer.write(record_key(request.prompt), request, "r", sample)
+                    write_batch(writer, log, batch, steps, f"{path} batch {b}")
                     time.sleep(pause)  # the engine runs the next batch
                 start = time.perf_counter()
                 writer.close()
@@ -174,23 +180,14 @@ def handover(
     """Seconds to store one finished batch's rows through the writer ÷ a plain synced file
     (`writers`: as HALLULENS_CAPTURE_WRITERS)."""
     log = step_log(batch, steps, layers, hidden)
-    positions = token_positions("generated", 2, steps)
     nbytes = batch * (steps - 1) * layers * hidden * 2
     times: dict[str, list[float]] = {"session": [], "plain": [], "producer": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
 
         def session(path: str) -> None:
-            spec = CaptureSpec.from_model_args(
-                path, capture_tokens="generated", capture_topk=0, environ={}
-            )
-            writer = CaptureSession(spec, list(range(layers)), "m", "hf", writers=writers)
+            writer = row_writer(path, layers, writers)
             start = time.perf_counter()
-            for row in range(batch):
-                sample = CapturedSample(
-                    [1, 2], list(range(steps)), positions, log.row(row, 0, steps - 1)
-                )
-                request = SampleRequest(f"{path} row {row}")
-                writer.write(record_key(request.prompt), request, "r", sample)
+            write_batch(writer, log, batch, steps, path)
             times["producer"].append(time.perf_counter() - start)
             writer.close()  # flush: written and synced
 

@@ -168,49 +168,11 @@ class CaptureSession:
         }
         count = writer_count() if writers is None else writers
         self._queue_bytes = queue_bytes()  # bad settings fail before anything is opened
-        # writers beyond the first write shards of their own (`<shard>-w<i>` or `w<i>`), opened
-        # first and reading nothing else, so that the session's store, opened last, reads them
-        # through the same environments; one an earlier session of this process on the same
-        # store holds (still open: a notebook's rerun) is passed over for the next free name
-        stores: list[ActivationStore] = []
-        try:
-            busy: ShardBusyError | None = None
-            for i in range(1, count + MAX_SESSION_SHARDS):
-                if len(stores) == count - 1:
-                    break
-                try:
-                    stores.append(
-                        ActivationStore(
-                            spec.path,
-                            writable=True,
-                            map_size_gb=spec.map_size_gb,
-                            shard=f"{shard}-w{i}" if shard else f"w{i}",
-                            read_others=False,
-                        )
-                    )
-                except ShardBusyError as exc:
-                    if not exc.ours:  # another process writes this store's writer shards
-                        raise
-                    busy = exc
-            if len(stores) < count - 1:
-                raise busy  # type: ignore[misc]
-            stores.insert(
-                0,
-                ActivationStore(
-                    spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard
-                ),
-            )
-            for store in stores:
-                store.mark_incomplete()
-        except BaseException:
-            for store in stores:
-                store.close()
-            raise
+        stores = _open_stores(spec, shard, count)
         self.store = stores[0]
         self._writers = [_Writer(store) for store in stores]
         self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
         self._room = threading.Condition()
-        self._started = False
         self._failure: BaseException | None = None
 
     def info(self) -> dict[str, object]:
@@ -425,6 +387,44 @@ class CaptureSession:
                     writer.thread.join()
                     writer.thread = None
                 writer.store.close()
+
+
+def _open_stores(spec: CaptureSpec, shard: str | None, count: int) -> list[ActivationStore]:
+    """The session's store, then one shard of its own (`<shard>-w<i>` or `w<i>`) per writer
+    thread beyond the first. The shards open first and read nothing else, so that the session's
+    store, opened last, reads them through the same environments; a shard an earlier session of
+    this process holds (still open: a notebook's rerun) is passed over for the next free name."""
+    stores: list[ActivationStore] = []
+    busy: ShardBusyError | None = None
+    try:
+        for i in range(1, count + MAX_SESSION_SHARDS):
+            if len(stores) == count - 1:
+                break
+            try:
+                stores.append(
+                    ActivationStore(
+                        spec.path,
+                        writable=True,
+                        map_size_gb=spec.map_size_gb,
+                        shard=f"{shard}-w{i}" if shard else f"w{i}",
+                        read_others=False,
+                    )
+                )
+            except ShardBusyError as exc:
+                if not exc.ours:  # another process writes this store's writer shards
+                    raise
+                busy = exc
+        if len(stores) < count - 1:
+            raise busy  # type: ignore[misc]
+        own = ActivationStore(spec.path, writable=True, map_size_gb=spec.map_size_gb, shard=shard)
+        stores.insert(0, own)
+        for store in stores:
+            store.mark_incomplete()
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores
 
 
 class _Writer:

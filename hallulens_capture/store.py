@@ -183,12 +183,6 @@ WRITEBACK_BYTES = 256 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # start writing dirty pages out; do not wait
 
 
-def _start_writeback(fd: int) -> bool:
-    """Start the write-out of a file's dirty pages, all of it; False where the call fails (a
-    hint only: the next sync writes them)."""
-    return _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0  # type: ignore[misc]
-
-
 def _natural(name: str) -> list:
     """Sort key putting rank2 before rank10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -445,7 +439,7 @@ class _Environment:
         except OSError as exc:
             log.debug("%s: no write-out hint (%s)", self.path, exc)
             return False
-        return _start_writeback(self._writeback_fd)
+        return _SYNC_FILE_RANGE(self._writeback_fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
     def grow(self, needed: int) -> None:
         current = self.map_size()
@@ -665,11 +659,12 @@ class ActivationStore(Mapping[str, Record]):
             raise StoreError(f"{self.path}: a record's layout points outside its data")
         flat, at = pieces.reshape(-1, span), offsets.reshape(-1)
         # pieces by buffer (a file, or for a writer each record's own bytes), in one sort
-        by_group = np.argsort(np.repeat(groups, offsets.shape[1]), kind="stable")
-        bounds = np.searchsorted(groups[by_group // max(offsets.shape[1], 1)], range(len(buffers)))
-        for group, (lo, hi) in enumerate(itertools.pairwise([*bounds.tolist(), len(by_group)])):
-            chosen = by_group[lo:hi]
-            _gather(flat, chosen, at[chosen], np.frombuffer(buffers[group], np.uint8))
+        piece_groups = np.repeat(groups, offsets.shape[1])
+        order = np.argsort(piece_groups, kind="stable")
+        for chosen in np.split(order, np.flatnonzero(np.diff(piece_groups[order])) + 1):
+            if len(chosen):
+                data = np.frombuffer(buffers[piece_groups[chosen[0]]], np.uint8)
+                _gather(flat, chosen, at[chosen], data)
         return bf16_to_f32(out) if first.label == "BF16" else out
 
     def _unlike(self, key: str, what: str, first: Layout) -> StoreError:
@@ -867,8 +862,6 @@ def _gather(flat: np.ndarray, rows: np.ndarray, offsets: np.ndarray, data: np.nd
     offset order, pieces an equal step apart (records of one size written one after another
     lie so in LMDB's file, a leaf page now and then between them) are one strided view, copied
     in one call."""
-    if not len(offsets):
-        return
     span = flat.shape[1]
     order = np.argsort(offsets, kind="stable")
     at, rows = offsets[order], rows[order]
