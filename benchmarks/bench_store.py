@@ -4,7 +4,9 @@
   included, final sync included) ÷ appending the same record bytes to one file with a final
   fsync; and the same store write without the checksum. Each round runs the three (order
   alternating, fresh files); the ratios are taken within a round, then the median over rounds
-  (this machine's disk speed drifts between rounds far more than within one);
+  (this machine's disk speed drifts between rounds far more than within one). Records over
+  32 MiB are written twice: in this process and in a child started with malloc's huge pages
+  (`hallulens_capture.hugepages`; the two sides of each ratio in the same process);
 - checksum: CRC-32 (what older records carry) and XXH3-64 (what the writer writes) over one
   record's activations, GB/s, run side by side;
 - slice read: layer 20 x the first 64 tokens of every record through the store ÷ the same read
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-from common import save, side_by_side, table
+from common import huge_pages_enabled, run_case, save, side_by_side, table, with_huge_pages
 
 from hallulens_capture import open_store, record_key
 from hallulens_capture.record import encode_record
@@ -106,6 +108,7 @@ def write_case(tmp: Path, n: int, shape: tuple[int, int, int], rounds: int) -> d
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     pairs = list(zip(times["store"], times["no_checksum"], times["raw"], strict=True))
     return {
+        "huge_pages": huge_pages_enabled(),
         "records": n,
         "shape": list(shape),
         "bytes": total,
@@ -116,6 +119,11 @@ def write_case(tmp: Path, n: int, shape: tuple[int, int, int], rounds: int) -> d
         "no_checksum_gb_s": total / statistics.median(times["no_checksum"]) / 1e9,
         "checksum_ratio": statistics.median(plain / store for store, plain, _ in pairs),
     }
+
+
+def write_case_in_tmp(n: int, shape: list[int], rounds: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        return write_case(Path(tmp), n, tuple(shape), rounds)
 
 
 def checksum_case(shape: tuple[int, int, int], repeats: int = 15) -> dict[str, object]:
@@ -231,13 +239,15 @@ def shard_case(tmp: Path, n: int, shape: tuple[int, int, int]) -> dict[str, obje
 def run(quick: bool = False) -> dict[str, object]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        n_big, rounds = (4, 5) if quick else (8, 9)
         writes = [
             # SmolLM2: 31 layers x 128 tokens x 576 (4.6 MB); Llama-3.1-8B: 33 x 64 x 4096 (17 MB)
             # and 33 x 256 x 4096 (69 MB: over glibc's 32 MiB mmap threshold, LMDB's page buffer
             # for the value is then mapped afresh in every transaction)
             write_case(tmp, 32 if quick else 100, (31, 128, 576), 5 if quick else 9),
             write_case(tmp, 12 if quick else 30, (33, 64, 4096), 5 if quick else 9),
-            write_case(tmp, 4 if quick else 8, (33, 256, 4096), 5 if quick else 9),
+            write_case(tmp, n_big, (33, 256, 4096), rounds),
+            with_huge_pages(__file__, "write", n=n_big, shape=[33, 256, 4096], rounds=rounds),
         ]
         read = read_case(tmp, 100 if quick else 400, (31, 96, 576))
         shards = shard_case(tmp, 100 if quick else 400, (31, 96, 576))
@@ -254,17 +264,23 @@ def shape_text(shape: list[int]) -> str:
 
 
 if __name__ == "__main__":
+    if run_case({"write": write_case_in_tmp}):
+        sys.exit()
     result = run("--quick" in sys.argv)
     writes = result["write"]
     print(
         table(
             "store write (encode + checksum + put + final sync) ÷ raw sequential file write of the "
             "same bytes (median of the ratios within each round)",
-            ["records", "record shape", "MB", "rounds", "store GB/s", "raw GB/s", "store ÷ raw"],
+            [
+                *["records", "record shape", "malloc huge pages", "MB", "rounds"],
+                *["store GB/s", "raw GB/s", "store ÷ raw"],
+            ],
             [
                 [
                     w["records"],
                     shape_text(w["shape"]),
+                    "yes" if w["huge_pages"] else "no",
                     round(w["bytes"] / 1e6),
                     w["rounds"],
                     w["store_gb_s"],

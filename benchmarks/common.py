@@ -6,9 +6,13 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from hallulens_capture import hugepages
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,3 +71,31 @@ def save(name: str, payload: dict[str, object]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+def huge_pages_enabled() -> bool:
+    """Whether this process was started with malloc's huge pages (`hallulens_capture.hugepages`)."""
+    return hugepages.SETTING in os.environ.get(hugepages.ENV, "")
+
+
+def with_huge_pages(script: str, case: str, **kwargs: object) -> dict[str, object]:
+    """What `case(**kwargs)` of `script` returns, run in a child process started with malloc's
+    huge pages (glibc reads the setting only when a process starts); see `run_case`."""
+    tunables = hugepages.with_huge_pages(os.environ.get(hugepages.ENV))
+    done = subprocess.run(
+        [sys.executable, script, "--case", case, json.dumps(kwargs)],
+        env={**os.environ, hugepages.ENV: tunables},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def run_case(cases: dict[str, Callable[..., dict[str, object]]]) -> bool:
+    """In a `with_huge_pages` child (`--case NAME KWARGS`): run the case, print its result as
+    JSON, say so; False in a benchmark's own run."""
+    if sys.argv[1:2] != ["--case"]:
+        return False
+    print(json.dumps(cases[sys.argv[2]](**json.loads(sys.argv[3]))))
+    return True

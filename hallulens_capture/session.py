@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hallulens_capture import hugepages
 from hallulens_capture.errors import (
     CaptureConfigError,
     CaptureError,
@@ -172,6 +173,7 @@ class CaptureSession:
         self.store = stores[0]
         self._writers = [_Writer(store) for store in stores]
         self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
+        self._advised = False  # whether the first large record's advice was given
         self._room = threading.Condition()
         self._failure: BaseException | None = None
 
@@ -280,6 +282,11 @@ class CaptureSession:
                     thread.start()
                     writer.thread = thread
         size = acts.nbytes + sum(t.nbytes for t in optional.values())
+        if not self._advised and size > hugepages.LARGE_RECORD:
+            self._advised = True
+            line = hugepages.advice(size)
+            if line:
+                log.warning("activation store %s: %s", self.spec.path, line)
         with self._room:
             while self._queued_bytes and self._queued_bytes + size > self._queue_bytes:
                 self._room.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
 import pytest
 from conftest import run_cli
@@ -10,6 +12,8 @@ from generate_fixtures import scripted_precise, write_wiki_sources
 from judge_server import JudgeServer
 
 from hallulens_capture import open_store
+
+SETTING = re.compile(r"[A-Z_]+=")
 
 
 @pytest.mark.slow
@@ -32,14 +36,20 @@ def test_seed_flags_run_every_stage_on_the_embedded_model(tmp_path):
         }
         result = run_cli("hallulens", *args, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    steps = [line for line in result.stderr.splitlines() if line.startswith("+ ")]
-    assert [s.split()[4] if "hallulens_tasks.cli" in s else s.split()[3] for s in steps] == [
+    steps = [shlex.split(line[2:]) for line in result.stderr.splitlines() if line[:2] == "+ "]
+    settings = [dict(w.split("=", 1) for w in step if SETTING.match(w)) for step in steps]
+    commands = [[w for w in step if not SETTING.match(w)] for step in steps]
+    assert [c[3] if c[2] == "hallulens_tasks.cli" else c[2] for c in commands] == [
         "generate",
         "lm_eval",
         "judge",
         "activations",
         "export-legacy",
     ]
+    # the harness starts with malloc's huge pages on (large records), and the printed line
+    # holds every setting the step needs to be rerun alone
+    assert settings[1]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert settings[1]["HALLULENS_DATA_DIR"] == str(data)
 
     prompts = [json.loads(x) for x in (data / "precise_wikiqa" / "prompts.jsonl").open()]
     assert len(prompts) == 4

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hallulens_capture import hugepages
 from hallulens_capture.errors import HalluLensError
 from hallulens_capture.spec import ENV_STORE_PATH
 from hallulens_tasks.judging.longwiki import ENV_K
@@ -40,7 +41,10 @@ class PipelineError(HalluLensError):
 
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> None:
-    print("+ " + shlex.join(command), file=sys.stderr, flush=True)
+    """Run one step, printed first as a shell line with the settings it adds to the environment
+    (so it can be rerun alone)."""
+    settings = [f"{name}={shlex.quote(value)}" for name, value in (env or {}).items()]
+    print("+ " + " ".join([*settings, shlex.join(command)]), file=sys.stderr, flush=True)
     done = subprocess.run(command, env={**os.environ, **(env or {})})
     if done.returncode:
         raise PipelineError(f"step failed (exit {done.returncode}): {shlex.join(command)}")
@@ -107,7 +111,9 @@ def _infer(args: argparse.Namespace, data_dir: Path, results: Path) -> None:
     command += ["--gen_kwargs", f"max_gen_toks={max_tokens}"]
     command += ["--output_path", str(results), "--log_samples", "--predict_only"]
     command += ["--seed", str(args.seed)]
-    _run(command, {ENV_DATA_DIR: str(data_dir), **_judge_env(args)})
+    # malloc's huge pages for the store's large records (`hallulens_capture.hugepages`)
+    tunables = {hugepages.ENV: hugepages.with_huge_pages(os.environ.get(hugepages.ENV))}
+    _run(command, {ENV_DATA_DIR: str(data_dir), **_judge_env(args), **tunables})
 
 
 def _evaluate(args: argparse.Namespace, results: Path, model_name: str) -> bool:
