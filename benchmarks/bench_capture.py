@@ -33,7 +33,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from common import huge_pages_enabled, run_case, save, side_by_side, table, with_huge_pages
+from common import huge_pages_enabled, run_case, run_with_huge_pages, save, side_by_side, table
 from lm_eval.api.instance import Instance
 
 from hallulens_capture import store as store_module
@@ -241,7 +241,7 @@ if __name__ == "__main__":
     repeats = 3 if quick else 5
     result["handover"] = [handover(repeats=repeats, writers=n) for n in (1, 2)]
     result["handover"] += [
-        with_huge_pages(__file__, "handover", repeats=repeats, writers=n) for n in (1, 2)
+        run_with_huge_pages(__file__, "handover", repeats=repeats, writers=n) for n in (1, 2)
     ]
     print(
         table(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-from common import huge_pages_enabled, run_case, save, side_by_side, table, with_huge_pages
+from common import huge_pages_enabled, run_case, run_with_huge_pages, save, side_by_side, table
 
 from hallulens_capture import open_store, record_key
 from hallulens_capture.record import encode_record
@@ -247,7 +247,7 @@ def run(quick: bool = False) -> dict[str, object]:
             write_case(tmp, 32 if quick else 100, (31, 128, 576), 5 if quick else 9),
             write_case(tmp, 12 if quick else 30, (33, 64, 4096), 5 if quick else 9),
             write_case(tmp, n_big, (33, 256, 4096), rounds),
-            with_huge_pages(__file__, "write", n=n_big, shape=[33, 256, 4096], rounds=rounds),
+            run_with_huge_pages(__file__, "write", n=n_big, shape=[33, 256, 4096], rounds=rounds),
         ]
         read = read_case(tmp, 100 if quick else 400, (31, 96, 576))
         shards = shard_case(tmp, 100 if quick else 400, (31, 96, 576))

@@ -75,26 +75,27 @@ def save(name: str, payload: dict[str, object]) -> Path:
 
 def huge_pages_enabled() -> bool:
     """Whether this process was started with malloc's huge pages (`hallulens_capture.hugepages`)."""
-    return hugepages.SETTING in os.environ.get(hugepages.ENV, "")
+    return hugepages.configured(os.environ.get(hugepages.ENV)) == "1"
 
 
-def with_huge_pages(script: str, case: str, **kwargs: object) -> dict[str, object]:
+def run_with_huge_pages(script: str, case: str, **kwargs: object) -> dict[str, object]:
     """What `case(**kwargs)` of `script` returns, run in a child process started with malloc's
     huge pages (glibc reads the setting only when a process starts); see `run_case`."""
-    tunables = hugepages.with_huge_pages(os.environ.get(hugepages.ENV))
+    tunables = hugepages.with_huge_pages(os.environ.get(hugepages.ENV), force=True)
     done = subprocess.run(
         [sys.executable, script, "--case", case, json.dumps(kwargs)],
         env={**os.environ, hugepages.ENV: tunables},
         capture_output=True,
         text=True,
-        check=True,
     )
+    if done.returncode:
+        raise RuntimeError(f"{script} --case {case} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def run_case(cases: dict[str, Callable[..., dict[str, object]]]) -> bool:
-    """In a `with_huge_pages` child (`--case NAME KWARGS`): run the case, print its result as
-    JSON, say so; False in a benchmark's own run."""
+    """In a `run_with_huge_pages` child (`--case NAME KWARGS`): run the case, print its result
+    as JSON, say so; False in a benchmark's own run."""
     if sys.argv[1:2] != ["--case"]:
         return False
     print(json.dumps(cases[sys.argv[2]](**json.loads(sys.argv[3]))))

@@ -173,7 +173,8 @@ class CaptureSession:
         self.store = stores[0]
         self._writers = [_Writer(store) for store in stores]
         self._queued_bytes = 0  # of records queued and not yet written, at most _queue_bytes
-        self._advised = False  # whether the first large record's advice was given
+        self._advised = False  # whether the first large record's advice was given (`_advise`)
+        self._advice_lock = threading.Lock()
         self._room = threading.Condition()
         self._failure: BaseException | None = None
 
@@ -282,11 +283,6 @@ class CaptureSession:
                     thread.start()
                     writer.thread = thread
         size = acts.nbytes + sum(t.nbytes for t in optional.values())
-        if not self._advised and size > hugepages.LARGE_RECORD:
-            self._advised = True
-            line = hugepages.advice(size)
-            if line:
-                log.warning("activation store %s: %s", self.spec.path, line)
         with self._room:
             while self._queued_bytes and self._queued_bytes + size > self._queue_bytes:
                 self._room.wait()
@@ -332,6 +328,16 @@ class CaptureSession:
                 )
                 return
 
+    def _advise(self, nbytes: int) -> None:
+        """Say once, at the first record over 32 MiB, how to store such records faster."""
+        with self._advice_lock:
+            if self._advised:
+                return
+            self._advised = True
+        line = hugepages.advice(nbytes)
+        if line:
+            log.warning("activation store %s: %s", self.spec.path, line)
+
     def _drain(self, writer: _Writer) -> None:
         while (item := writer.queue.get()) is not None:
             key, acts, index, metadata, optional, size = item
@@ -342,6 +348,8 @@ class CaptureSession:
                     )
                     if value.obj is not writer.scratch:  # grown: keep the larger buffer
                         writer.scratch = value.obj
+                    if len(value) > hugepages.LARGE_RECORD and not self._advised:
+                        self._advise(len(value))
                     writer.store.put(key, value)
                     writer.written += 1
             except BaseException as exc:  # re-raised by flush or the next write

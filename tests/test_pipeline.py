@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 
@@ -11,7 +12,7 @@ from conftest import run_cli
 from generate_fixtures import scripted_precise, write_wiki_sources
 from judge_server import JudgeServer
 
-from hallulens_capture import open_store
+from hallulens_capture import hugepages, open_store
 
 SETTING = re.compile(r"[A-Z_]+=")
 
@@ -48,7 +49,8 @@ def test_seed_flags_run_every_stage_on_the_embedded_model(tmp_path):
     ]
     # the harness starts with malloc's huge pages on (large records), and the printed line
     # holds every setting the step needs to be rerun alone
-    assert settings[1]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    tunables = hugepages.with_huge_pages(os.environ.get(hugepages.ENV))
+    assert settings[1]["GLIBC_TUNABLES"] == tunables and "glibc.malloc.hugetlb=" in tunables
     assert settings[1]["HALLULENS_DATA_DIR"] == str(data)
 
     prompts = [json.loads(x) for x in (data / "precise_wikiqa" / "prompts.jsonl").open()]
