@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,23 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for name, text in sorted(FIGURES.items()):
             terminalreporter.write_line(f"{name}: {text}")
+
+
+def printed_steps(stderr: str) -> list[tuple[dict[str, str], list[str]]]:
+    """The steps `hallulens pipeline` printed (`+ NAME=value ... command`): each step's settings
+    and its command's words."""
+    steps = []
+    for line in stderr.splitlines():
+        if line.startswith("+ "):
+            words = shlex.split(line[2:])
+            n = next((i for i, w in enumerate(words) if not re.match(r"[A-Z_]+=", w)), len(words))
+            steps.append((dict(w.split("=", 1) for w in words[:n]), words[n:]))
+    return steps
+
+
+def step_names(stderr: str) -> list[str]:
+    """What each printed step runs: `lm_eval`, or the `hallulens` subcommand."""
+    return [c[3] if c[2] == "hallulens_tasks.cli" else c[2] for _, c in printed_steps(stderr)]
 
 
 def run_cli(tool: str, *args: str, env: dict | None = None, timeout: int = 900, cwd=None):

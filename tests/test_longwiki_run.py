@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, step_names
 from judge_server import JudgeServer
 
 from hallulens_capture import open_store
@@ -214,8 +214,7 @@ def test_pipeline_runs_every_longwiki_stage(run, tmp_path):
     args += ["--inf_batch_size", "2", "--k", "4", "--inference_method", "gguf"]
     done = run_cli("hallulens", *args, env=run["env"])
     assert done.returncode == 0, done.stderr[-4000:]
-    steps = [line.split()[3:5] for line in done.stderr.splitlines() if line.startswith("+ ")]
-    assert [s[1] if s[0] == "hallulens_tasks.cli" else s[0] for s in steps] == [
+    assert step_names(done.stderr) == [
         "lm_eval",
         "judge",
         "activations",

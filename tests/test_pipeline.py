@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 
 import pytest
-from conftest import run_cli
+from conftest import printed_steps, run_cli, step_names
 from generate_fixtures import scripted_precise, write_wiki_sources
 from judge_server import JudgeServer
 
 from hallulens_capture import hugepages, open_store
-
-SETTING = re.compile(r"[A-Z_]+=")
 
 
 @pytest.mark.slow
@@ -37,10 +33,7 @@ def test_seed_flags_run_every_stage_on_the_embedded_model(tmp_path):
         }
         result = run_cli("hallulens", *args, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    steps = [shlex.split(line[2:]) for line in result.stderr.splitlines() if line[:2] == "+ "]
-    settings = [dict(w.split("=", 1) for w in step if SETTING.match(w)) for step in steps]
-    commands = [[w for w in step if not SETTING.match(w)] for step in steps]
-    assert [c[3] if c[2] == "hallulens_tasks.cli" else c[2] for c in commands] == [
+    assert step_names(result.stderr) == [
         "generate",
         "lm_eval",
         "judge",
@@ -50,6 +43,7 @@ def test_seed_flags_run_every_stage_on_the_embedded_model(tmp_path):
     # the harness starts with malloc's huge pages on (large records), and the printed line
     # holds every setting the step needs to be rerun alone
     tunables = hugepages.with_huge_pages(os.environ.get(hugepages.ENV))
+    settings = [setting for setting, _ in printed_steps(result.stderr)]
     assert settings[1]["GLIBC_TUNABLES"] == tunables and "glibc.malloc.hugetlb=" in tunables
     assert settings[1]["HALLULENS_DATA_DIR"] == str(data)
 

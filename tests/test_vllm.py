@@ -7,11 +7,13 @@ reported, cosine >= 0.999), and the same comparison one layer off must fail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 
 import numpy as np
+import psutil
 import pytest
 from conftest import lm_eval_run, report
 from reference import NO_TOKENS, compare_record, compare_token_stats
@@ -27,6 +29,24 @@ ENGINE = "dtype=float32,gpu_memory_utilization=0.2,enforce_eager=True,max_model_
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 MAX_REL_ERROR = 1e-4  # measured 1e-5 .. 3e-5 (fp32 engine vs fp32 HF)
 TOKEN_ERROR = 3e-4  # token statistics vs the fp32 HF pass: measured max abs error 2e-5 .. 7e-5
+
+
+def shut_down(lm) -> None:
+    """Stop the engine's processes now (not at exit, after pytest closed its streams). vLLM's
+    `kill_process_tree` asks each child its name before killing it: a worker that exits on its
+    own in between raises NoSuchProcess there and leaves the rest running, so they are killed
+    here."""
+    client = lm.model.llm_engine.engine_core
+    try:
+        client.shutdown()
+    except psutil.NoSuchProcess:
+        for proc in client.resources.engine_manager.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                engine = psutil.Process(proc.pid)
+                for process in [*engine.children(recursive=True), engine]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
+        client.resources()
 
 
 def check_against_hf(store, reference_model, name: str) -> None:
@@ -130,7 +150,7 @@ def preempting_lm(tmp_path_factory):
         max_model_len=128,
     )
     yield lm, path
-    lm.model.llm_engine.engine_core.shutdown()  # now, not at exit after pytest closed its streams
+    shut_down(lm)
 
 
 def generate(lm, prompts, max_gen_toks=40):
@@ -212,7 +232,7 @@ def three_prompts_match_hf(
     try:
         texts = generate(lm, ["The capital of France is", "Count: 1, 2, 3,", "Name a fruit."], 12)
     finally:
-        lm.model.llm_engine.engine_core.shutdown()
+        shut_down(lm)
     with open_store(path) as store:
         assert len(store) == 3  # one record per request, whatever the number of workers
         assert sorted(store[k].response for k in store) == sorted(texts)
