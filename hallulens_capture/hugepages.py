@@ -78,6 +78,6 @@ def advice(
         return None
     return (
         f"records of {record_bytes / 1e6:.0f} MB: each is copied into a fresh 4 KiB-paged buffer; "
-        f"start the run with {ENV}={with_huge_pages(environ.get(ENV))} to store them up to "
+        f"start the run with {ENV}={with_huge_pages(environ.get(ENV))} to store them "
         "1.5-1.8x faster (README, Troubleshooting)"
     )
