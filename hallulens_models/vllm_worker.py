@@ -8,12 +8,13 @@ torch.compile and CUDA graphs, no eager mode needed. Each aux entry is `hidden +
 numbering as is.
 
 Per forward step, the wrapped `_model_forward` picks the rows of tagged requests
-(`SamplingParams.extra_args[TAG]`) by `query_start_loc`; the rows are gathered into one block
-per step in the storage dtype (one slice per layer when they sit side by side, as a prefill's
-and the decode rows of a batch of tagged requests do) and a helper thread copies each request's
-run of rows into its hand-over file (`Handover`: a file in shared memory, mapped; rows by
-absolute position, so chunked prefill arrives in order-independent pieces and a preempted
-request's recomputation overwrites its earlier rows instead of duplicating them). On a CPU
+(`SamplingParams.extra_args[TAG]`) by `query_start_loc`; the rows are gathered into one
+token-major block per step in the storage dtype (one slice per layer when they sit side by side,
+as a prefill's and the decode rows of a batch of tagged requests do) and a helper thread writes
+each request's run of rows into its hand-over file with one `pwrite` (`Handover`: a file in
+shared memory; rows by absolute position, so chunked prefill arrives in order-independent pieces
+and a preempted request's recomputation overwrites its earlier rows instead of duplicating
+them). On a CPU
 engine the helper does the gathering too, from the step's outputs (vLLM makes new ones each
 step), so the engine's thread only notes the rows and goes on; on CUDA the block is gathered on
 the device and leaves it asynchronously, into pinned memory, and the helper writes it out once
@@ -58,23 +59,42 @@ TAG = "hallulens_tag"  # in SamplingParams.extra_args: the request's capture id
 
 
 class Handover:
-    """One tagged request's hand-over file: the rows it keeps, [layers, capacity, hidden] in the
-    storage dtype, written in place as its steps run (the file is sparse: positions never
-    computed take no memory), its token statistics appended when it is collected. The front end
-    maps the file; nothing is copied on the way."""
+    """One tagged request's hand-over file: the rows it keeps, token-major [capacity, layers,
+    hidden] in the storage dtype, so that a request's rows of one step are one run of bytes,
+    written with one `pwrite` (positions never computed take no memory: the file is sparse);
+    its token statistics are appended when it is collected. The front end maps the file.
+
+    Written with `pwrite`, not through a map: the kernel copies into the file's pages without a
+    page fault per 4 KiB (through a map, writing a fresh file took ~1.8 x as long here), and a
+    full /dev/shm is an OSError instead of a SIGBUS that kills the worker."""
 
     def __init__(self, path: str, shape: list[int], storage: np.dtype, first: int) -> None:
         self.path = path
         self.first = first  # the position of row 0
         self.shape = shape
-        with open(path, "wb+") as f:
-            f.truncate(int(np.prod(shape)) * storage.itemsize)
-            self.array = mapped(f, storage, 0, shape, "r+")
-        self.filled = np.zeros(shape[1], dtype=np.int32)  # times each row was written
+        self.row_bytes = int(np.prod(shape[1:])) * storage.itemsize
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+        os.ftruncate(self._fd, shape[0] * self.row_bytes)
+        self.filled = np.zeros(shape[0], dtype=np.int32)  # times each row was written
+
+    def write(self, at: int, data: np.ndarray) -> None:
+        """`data` (C-contiguous) at row `at`, or past the rows (`at` = capacity: statistics)."""
+        view, offset = memoryview(data.reshape(-1).view(np.uint8)), at * self.row_bytes
+        try:
+            while view:
+                done = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
+                view, offset = view[done:], offset + done
+        except OSError as exc:
+            raise CaptureError(
+                f"cannot write captured rows to {self.path}: {exc.strerror} (is "
+                f"{os.path.dirname(self.path)} full? it holds each running request's rows)"
+            ) from None
 
     def close(self) -> None:
-        """Unmap (the data stays in the file)."""
-        self.array = None  # type: ignore[assignment]
+        """Close the file (its data stays)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def discard(self) -> None:
         self.close()
@@ -121,7 +141,7 @@ class LayerRows:
         handover = self._handovers.get(tag)
         if handover is None:
             first, end = span
-            shape = [self._layers, end - first, hidden]
+            shape = [end - first, self._layers, hidden]
             handover = Handover(self._path(tag), shape, self._storage, first)
             self._handovers[tag] = handover
         return handover
@@ -192,23 +212,24 @@ class LayerRows:
     def _gather(
         self, aux: list[torch.Tensor], picks: list[tuple[Handover, int, int, int]]
     ) -> torch.Tensor:
-        """The picked rows of every layer, [layers, rows, hidden] in the storage dtype, one slice
-        per layer when the rows sit side by side (a prefill, the decode rows of a batch of
-        tagged requests), gathered otherwise (on the device on CUDA, on the helper on CPU)."""
+        """The picked rows of every layer, token-major [rows, layers, hidden] in the storage
+        dtype, one slice per layer when the rows sit side by side (a prefill, the decode rows of
+        a batch of tagged requests), gathered otherwise (on the device on CUDA, on the helper on
+        CPU)."""
         first_row = picks[0][2]
         count = sum(k for *_, k in picks)
         adjacent = all(a[2] + a[3] == b[2] for a, b in itertools.pairwise(picks))
         out = torch.empty(
-            (len(aux), count, aux[0].shape[-1]), dtype=self._dtype, device=aux[0].device
+            (count, len(aux), aux[0].shape[-1]), dtype=self._dtype, device=aux[0].device
         )
         if adjacent:
-            for layer, h in zip(out, aux, strict=True):
-                layer.copy_(h[first_row : first_row + count])
+            for i, h in enumerate(aux):
+                out[:, i].copy_(h[first_row : first_row + count])
             return out
         index = np.concatenate([np.arange(row, row + k) for _, _, row, k in picks])
         index_t = torch.from_numpy(index).to(aux[0].device)
-        for layer, h in zip(out, aux, strict=True):
-            layer.copy_(h.index_select(0, index_t))
+        for i, h in enumerate(aux):
+            out[:, i].copy_(h.index_select(0, index_t))
         return out
 
     def before_sampling(self, module, args, kwargs) -> None:
@@ -265,33 +286,35 @@ class LayerRows:
                     handover.discard()
                 continue
             if handover is None:  # no row kept (the statistics alone, or rows missing)
-                handover = Handover(self._path(tag), [self._layers, 0, 0], self._storage, first)
-            handover.close()
+                handover = Handover(self._path(tag), [0, self._layers, 0], self._storage, first)
             at = first - handover.first
             filled = handover.filled[at : at + count]
             if len(filled) < count:
                 filled = np.concatenate([filled, np.zeros(count - len(filled), np.int32)])
-            acts_bytes = int(np.prod(handover.shape)) * self._storage.itemsize
-            os.truncate(handover.path, acts_bytes + n_tokens * width * 4)
-            table = mapped(handover.path, np.dtype(np.float32), acts_bytes, [n_tokens, width], "r+")
+            table = np.zeros((n_tokens, width), dtype=np.float32)
             known = np.zeros(n_tokens, dtype=bool)
             for j, row in stats:  # in step order: a recomputed token's row overwrites
                 if j < n_tokens:
                     table[j], known[j] = row.numpy(), True
-            del table  # unmapped: the data is in the file
             if not filled.all() or not known.all():
                 handover.discard()
                 missing = np.flatnonzero(filled == 0) + first
                 where = [int(missing[0]), int(missing[-1])] if len(missing) else "token statistics"
                 out.append({"tag": tag, "missing": where})
                 continue
+            try:
+                handover.write(handover.shape[0], table)  # after the rows
+            except CaptureError:
+                handover.discard()
+                raise
+            handover.close()
             out.append(
                 {
                     "tag": tag,
                     "path": handover.path,
                     "shape": handover.shape,
                     "rows": [at, count],
-                    "stats": [acts_bytes, n_tokens],
+                    "stats": [handover.shape[0] * handover.row_bytes, n_tokens],
                     "recomputed": int((filled > 1).sum()),
                 }
             )
@@ -308,26 +331,17 @@ def _write_rows(
     picks: list[tuple[Handover, int, int, int]],
     ready: torch.cuda.Event | None = None,
 ) -> None:
-    """On the helper thread: each pick's run of rows of the step's block ([layers, rows, hidden]
+    """On the helper thread: each pick's run of rows of the step's block ([rows, layers, hidden]
     in the storage dtype, the picks' rows in order; on CUDA in pinned memory, once `ready`) into
-    its request's hand-over file: one copy per request and step."""
+    its request's hand-over file: one write per request and step."""
     if ready is not None:
         ready.synchronize()
     rows = storage_view(block)
     offset = 0
     for handover, at, _, k in picks:
-        handover.array[:, at : at + k] = rows[:, offset : offset + k]
+        handover.write(at, rows[offset : offset + k])
         handover.filled[at : at + k] += 1
         offset += k
-
-
-def mapped(file, dtype: np.dtype, offset: int, shape: list[int], mode: str = "r") -> np.ndarray:
-    """A map of part of a file (a path or an open file): the worker writes the hand-over files
-    through one, the front end reads them through one (numpy cannot map zero bytes: an empty
-    array then)."""
-    if not np.prod(shape):
-        return np.empty(shape, dtype)
-    return np.memmap(file, dtype, mode, offset, tuple(shape))
 
 
 def _install(worker) -> None:
