@@ -21,6 +21,7 @@ from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.record import storage_dtype
 from hallulens_capture.session import CapturedSample
 from hallulens_capture.spec import CaptureSpec
+from hallulens_models.vllm_handover import read
 from hallulens_models.vllm_worker import CONFIG_KEY, TAG
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,6 @@ def handover_groups(plans: Sequence[RowPlan], row_bytes: int) -> list[list[int]]
     return groups
 
 
-def mapped(path: str, dtype: np.dtype, offset: int, shape: list[int]) -> np.ndarray:
-    """Part of a hand-over file, mapped read-only (numpy cannot map zero bytes: an empty array
-    then)."""
-    if not np.prod(shape):
-        return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "r", offset, tuple(shape))
-
-
 def samples(
     plans: Sequence[RowPlan],
     results: Sequence[list[dict]],
@@ -165,9 +158,8 @@ def samples(
     shape: tuple[int, int],
 ) -> list[CapturedSample]:
     """Turn the hand-over files of every rank's `collect` result into samples. The files are
-    mapped, not read (their bytes are copied once, into the record: the rows are a view of the
-    file's token-major [capacity, layers, hidden], seen as [layers, rows, hidden]), and unlinked
-    at once: the maps keep the data until the record is written."""
+    mapped, not read (their bytes are copied once, into the record), and go back to their
+    worker when the record is written (`vllm_handover.read`)."""
     found = {item["tag"]: item for rank in results for item in rank}
     storage = storage_dtype(dtype)
     layers, hidden = shape
@@ -184,14 +176,8 @@ def samples(
                     f"vLLM ran no forward pass for positions {item['missing']} of a request; "
                     "its activations are incomplete"
                 )
-            if len(p.positions):
-                at, count = item["rows"]
-                rows = mapped(item["path"], storage, 0, item["shape"])[at : at + count]
-                rows = rows.transpose(1, 0, 2)
-            if topk:
-                offset, n = item["stats"]
-                stats = mapped(item["path"], np.dtype(np.float32), offset, [n, 2 + 2 * topk])
-            os.unlink(item["path"])
+            kept, stats = read(item, storage, topk)
+            rows = rows if kept is None else kept
         out.append(
             CapturedSample(p.prompt_token_ids, p.generated_token_ids, p.positions, rows, stats)
         )

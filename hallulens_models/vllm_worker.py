@@ -38,12 +38,8 @@ replicated after each all-reduce).
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
-import hashlib
 import itertools
-import os
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -53,53 +49,10 @@ from hallulens_capture.errors import CaptureError
 from hallulens_capture.record import storage_dtype
 from hallulens_models import token_stats
 from hallulens_models.hf_tap import TORCH_DTYPES, storage_view
+from hallulens_models.vllm_handover import Handover, HandoverPool
 
 CONFIG_KEY = "hallulens_capture"  # in vLLM's additional_config: layer_ids, tokens, dtype, topk
 TAG = "hallulens_tag"  # in SamplingParams.extra_args: the request's capture id
-
-
-class Handover:
-    """One tagged request's hand-over file: the rows it keeps, token-major [capacity, layers,
-    hidden] in the storage dtype, so that a request's rows of one step are one run of bytes,
-    written with one `pwrite` (positions never computed take no memory: the file is sparse);
-    its token statistics are appended when it is collected. The front end maps the file.
-
-    Written with `pwrite`, not through a map: the kernel copies into the file's pages without a
-    page fault per 4 KiB (through a map, writing a fresh file took ~1.8 x as long here), and a
-    full /dev/shm is an OSError instead of a SIGBUS that kills the worker."""
-
-    def __init__(self, path: str, shape: list[int], storage: np.dtype, first: int) -> None:
-        self.path = path
-        self.first = first  # the position of row 0
-        self.shape = shape
-        self.row_bytes = int(np.prod(shape[1:])) * storage.itemsize
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
-        os.ftruncate(self._fd, shape[0] * self.row_bytes)
-        self.filled = np.zeros(shape[0], dtype=np.int32)  # times each row was written
-
-    def write(self, at: int, data: np.ndarray) -> None:
-        """`data` (C-contiguous) at row `at`, or past the rows (`at` = capacity: statistics)."""
-        view, offset = memoryview(data.reshape(-1).view(np.uint8)), at * self.row_bytes
-        try:
-            while view:
-                done = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
-                view, offset = view[done:], offset + done
-        except OSError as exc:
-            raise CaptureError(
-                f"cannot write captured rows to {self.path}: {exc.strerror} (is "
-                f"{os.path.dirname(self.path)} full? it holds each running request's rows)"
-            ) from None
-
-    def close(self) -> None:
-        """Close the file (its data stays)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def discard(self) -> None:
-        self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 class LayerRows:
@@ -113,6 +66,7 @@ class LayerRows:
         self._dtype = TORCH_DTYPES[dtype]
         self._storage = storage_dtype(dtype)
         self._topk = topk
+        self._pool = HandoverPool()
         self._handovers: dict[str, Handover] = {}  # per tagged request with rows, until collected
         # per request, in arrival order: (generated token index, host row [2 + 2k])
         self._stats: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -142,18 +96,9 @@ class LayerRows:
         if handover is None:
             first, end = span
             shape = [end - first, self._layers, hidden]
-            handover = Handover(self._path(tag), shape, self._storage, first)
+            handover = self._pool.open(shape, self._storage, first)
             self._handovers[tag] = handover
         return handover
-
-    @staticmethod
-    def _path(tag: str) -> str:
-        """A request's hand-over file: in shared memory when the machine has it, named by this
-        worker's pid and a digest of the tag (a server's tags hold client request ids; no
-        directory to clean up after a killed worker)."""
-        where = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-        digest = hashlib.blake2b(tag.encode("utf-8"), digest_size=12).hexdigest()
-        return os.path.join(where, f"hallulens-vllm-{os.getpid()}-{digest}.bin")
 
     def take(self, aux: list[torch.Tensor]) -> None:
         """Note this step's rows of tagged requests (called right after the model's forward)
@@ -286,7 +231,7 @@ class LayerRows:
                     handover.discard()
                 continue
             if handover is None:  # no row kept (the statistics alone, or rows missing)
-                handover = Handover(self._path(tag), [0, self._layers, 0], self._storage, first)
+                handover = self._pool.open([0, self._layers, 0], self._storage, first)
             at = first - handover.first
             filled = handover.filled[at : at + count]
             if len(filled) < count:
@@ -303,7 +248,7 @@ class LayerRows:
                 out.append({"tag": tag, "missing": where})
                 continue
             try:
-                handover.write(handover.shape[0], table)  # after the rows
+                handover.write(handover.shape[0], table)  # at stats_offset, after the rows
             except CaptureError:
                 handover.discard()
                 raise
@@ -314,7 +259,7 @@ class LayerRows:
                     "path": handover.path,
                     "shape": handover.shape,
                     "rows": [at, count],
-                    "stats": [handover.shape[0] * handover.row_bytes, n_tokens],
+                    "stats": [handover.stats_offset, n_tokens],
                     "recomputed": int((filled > 1).sum()),
                 }
             )
@@ -323,6 +268,7 @@ class LayerRows:
                 handover.discard()
             self._handovers.clear()
             self._stats.clear()
+        self._pool.trim(len(self._handovers) + len(out))
         return out
 
 
