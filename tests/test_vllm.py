@@ -192,6 +192,36 @@ def test_preempted_requests_are_recomputed_once(preempting_lm, reference_model, 
         check_against_hf(store, reference_model, "hallulens-vllm (preemption + recompute)")
 
 
+def free_files(directory: str) -> dict[int, str]:
+    """inode -> name of the released hand-over files in a worker's directory."""
+    from hallulens_models.vllm_handover import FREE, LOCK
+
+    entries = list(os.scandir(directory))
+    assert {e.name for e in entries if not e.name.startswith(FREE)} == {LOCK}  # none left in use
+    return {e.inode(): e.name for e in entries if e.name.startswith(FREE)}
+
+
+def test_hand_over_files_are_reused_and_hold_only_the_new_rows(preempting_lm, reference_model):
+    """The next call's requests write into the files the last call's released (a reused file
+    keeps the rows of its last request wherever the new one writes none: the records must
+    still match HF, also where preemption recomputes rows)."""
+    from hallulens_models.vllm_handover import PREFIX, shared_memory
+
+    lm, path = preempting_lm
+    workers = [p.pid for p in psutil.Process().children(recursive=True)]
+    [directory] = [
+        d for pid in workers if os.path.isdir(d := os.path.join(shared_memory(), f"{PREFIX}{pid}"))
+    ]
+    generate(lm, [f"Name three {thing} and say why." for thing in ("birds", "tools")], 30)
+    before = free_files(directory)
+    assert before
+    generate(lm, [f"A short note on {thing}" for thing in ("salt", "maps", "tea", "rope")], 36)
+    after = free_files(directory)
+    assert any(before.get(inode) not in (None, name) for inode, name in after.items())
+    with open_store(path) as store:
+        check_against_hf(store, reference_model, "hallulens-vllm (reused hand-over files)")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
