@@ -34,7 +34,7 @@ import numpy as np
 
 from hallulens_capture.errors import CaptureError
 
-PREFIX = "hallulens-vllm-"  # a worker's directory: PREFIX + pid
+PREFIX = "hallulens-vllm-"  # a worker's directory: PREFIX + pid + "-" + a random part
 FREE = "free-"  # a released file, ready for reuse
 LOCK = ".lock"
 
@@ -65,6 +65,11 @@ def remove_stale(root: str) -> list[str]:
     return removed
 
 
+def _remove(directory: str, lock: int) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.close(lock)
+
+
 def release(path: str) -> None:
     """Give a hand-over file back to its worker's pool (nothing if the worker is gone)."""
     free = os.path.join(os.path.dirname(path), f"{FREE}{uuid.uuid4().hex}.bin")
@@ -78,15 +83,13 @@ class HandoverPool:
     def __init__(self, root: str | None = None) -> None:
         root = root or shared_memory()
         remove_stale(root)
-        self.directory = os.path.join(root, f"{PREFIX}{os.getpid()}")
-        os.makedirs(self.directory, exist_ok=True)
-        self._lock = os.open(
-            os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        )
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        # readable by this user only (activations); a name of its own even in the same process
+        self.directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
+        lock = os.open(os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         self.most = 0  # most files in use at once: the pool keeps no more free ones
         # at exit (or when the pool goes): the directory goes, with any file not collected
-        weakref.finalize(self, shutil.rmtree, self.directory, True)
+        weakref.finalize(self, _remove, self.directory, lock)
 
     def _free(self) -> list[str]:
         return [e.path for e in os.scandir(self.directory) if e.name.startswith(FREE)]

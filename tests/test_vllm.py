@@ -208,10 +208,8 @@ def test_hand_over_files_are_reused_and_hold_only_the_new_rows(preempting_lm, re
     from hallulens_models.vllm_handover import PREFIX, shared_memory
 
     lm, path = preempting_lm
-    workers = [p.pid for p in psutil.Process().children(recursive=True)]
-    [directory] = [
-        d for pid in workers if os.path.isdir(d := os.path.join(shared_memory(), f"{PREFIX}{pid}"))
-    ]
+    workers = [f"{PREFIX}{p.pid}-" for p in psutil.Process().children(recursive=True)]
+    [directory] = [e.path for e in os.scandir(shared_memory()) if e.name.startswith(tuple(workers))]
     generate(lm, [f"Name three {thing} and say why." for thing in ("birds", "tools")], 30)
     before = free_files(directory)
     assert before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import stat
 import subprocess
 import sys
 
@@ -57,6 +58,7 @@ def test_front_end_reads_what_the_worker_wrote(pool):
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_array_equal(got_stats, stats)
     assert handover.read(item, F16, 0)[1] is None  # capture_topk=0: no statistics
+    assert stat.S_IMODE(os.stat(pool.directory).st_mode) == 0o700  # activations: the user's only
 
 
 def test_a_file_is_reused_only_when_no_view_of_it_is_left(pool):
