@@ -76,6 +76,7 @@ class LayerRows:
         self._reduction = token_stats.Reduction(topk, threaded=not self._pinned) if topk else None
         self._loaded = False  # this step's sampled rows are in the reduction
         self._writing = ThreadPoolExecutor(1, "hallulens-rows", token_stats.helper_thread)
+        self._block = torch.empty(0, dtype=self._dtype)  # the CPU helper's gathered rows
         self._written: collections.deque[Future] = collections.deque()  # steps being written
 
     def _span(self, state) -> tuple[int, int]:
@@ -164,9 +165,13 @@ class LayerRows:
         first_row = picks[0][2]
         count = sum(k for *_, k in picks)
         adjacent = all(a[2] + a[3] == b[2] for a, b in itertools.pairwise(picks))
-        out = torch.empty(
-            (count, len(aux), aux[0].shape[-1]), dtype=self._dtype, device=aux[0].device
-        )
+        shape = (count, len(aux), aux[0].shape[-1])
+        if self._pinned:  # torch's caching allocator keeps the device's memory
+            out = torch.empty(shape, dtype=self._dtype, device=aux[0].device)
+        else:  # the helper's block, kept: fresh host memory faults in page by page every step
+            if self._block.numel() < np.prod(shape):
+                self._block = torch.empty(int(np.prod(shape)), dtype=self._dtype)
+            out = self._block[: np.prod(shape)].view(shape)
         if adjacent:
             for i, h in enumerate(aux):
                 out[:, i].copy_(h[first_row : first_row + count])
