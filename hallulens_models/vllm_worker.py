@@ -14,11 +14,11 @@ as a prefill's and the decode rows of a batch of tagged requests do) and a helpe
 each request's run of rows into its hand-over file with one `pwrite` (`Handover`: a file in
 shared memory; rows by absolute position, so chunked prefill arrives in order-independent pieces
 and a preempted request's recomputation overwrites its earlier rows instead of duplicating
-them). On a CPU
-engine the helper does the gathering too, from the step's outputs (vLLM makes new ones each
-step), so the engine's thread only notes the rows and goes on; on CUDA the block is gathered on
-the device and leaves it asynchronously, into pinned memory, and the helper writes it out once
-the copy is done. At most two steps wait for the helper.
+them). On a CPU engine the helper does the gathering too, from the step's outputs (vLLM makes
+new ones each step), into a block it keeps (the largest step's rows), so the engine's thread
+only notes the rows and goes on; on CUDA the block is gathered on the device and leaves it
+asynchronously, into pinned memory, and the helper writes it out once the copy is done. At most
+two steps wait for the helper.
 
 Token statistics (capture_topk > 0): a hook before the runner's sampler copies the raw logits of
 the tagged requests that sample a token this step (not partial prefill chunks), one after it
