@@ -88,8 +88,8 @@ class HandoverPool:
         lock = os.open(os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         fcntl.flock(lock, fcntl.LOCK_EX)
         self.most = 0  # most files in use at once: the pool keeps no more free ones
-        # at exit (or when the pool goes): the directory goes, with any file not collected
-        weakref.finalize(self, _remove, self.directory, lock)
+        # at close, exit or when the pool goes: the directory goes, with any file not collected
+        self._finalizer = weakref.finalize(self, _remove, self.directory, lock)
 
     def _free(self) -> list[str]:
         return [e.path for e in os.scandir(self.directory) if e.name.startswith(FREE)]
@@ -105,6 +105,11 @@ class HandoverPool:
             except FileNotFoundError:
                 continue
         return Handover(path, shape, storage, first)
+
+    def close(self) -> None:
+        """Remove the directory now (a worker process may end without running atexit: vLLM's
+        engine processes end through multiprocessing's `os._exit`)."""
+        self._finalizer()
 
     def trim(self, in_use: int) -> None:
         """Delete the free files beyond the most ever in use at once (with `in_use` now)."""

@@ -276,6 +276,11 @@ class LayerRows:
         self._pool.trim(len(self._handovers) + len(out))
         return out
 
+    def close(self) -> None:
+        """The worker shuts down: its hand-over directory goes (files the front end still maps
+        stay readable until it unmaps them)."""
+        self._pool.close()
+
 
 def _write_rows(
     block: torch.Tensor,
@@ -355,6 +360,12 @@ class CaptureWorkerMixin:
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)  # type: ignore[misc]
         _install(self)
+
+    def shutdown(self) -> None:
+        rows = getattr(self, "hallulens_rows", None)
+        if rows is not None:
+            rows.close()
+        super().shutdown()  # type: ignore[misc]
 
     def hallulens_collect(self, wanted: list[list], forget_others: bool = True) -> list[dict]:
         rows = getattr(self, "hallulens_rows", None)

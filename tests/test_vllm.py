@@ -201,15 +201,20 @@ def free_files(directory: str) -> dict[int, str]:
     return {e.inode(): e.name for e in entries if e.name.startswith(FREE)}
 
 
+def worker_directories() -> list[str]:
+    """The hand-over directories of this process's engine workers."""
+    from hallulens_models.vllm_handover import PREFIX, shared_memory
+
+    workers = tuple(f"{PREFIX}{p.pid}-" for p in psutil.Process().children(recursive=True))
+    return [e.path for e in os.scandir(shared_memory()) if e.name.startswith(workers)]
+
+
 def test_hand_over_files_are_reused_and_hold_only_the_new_rows(preempting_lm, reference_model):
     """The next call's requests write into the files the last call's released (a reused file
     keeps the rows of its last request wherever the new one writes none: the records must
     still match HF, also where preemption recomputes rows)."""
-    from hallulens_models.vllm_handover import PREFIX, shared_memory
-
     lm, path = preempting_lm
-    workers = [f"{PREFIX}{p.pid}-" for p in psutil.Process().children(recursive=True)]
-    [directory] = [e.path for e in os.scandir(shared_memory()) if e.name.startswith(tuple(workers))]
+    [directory] = worker_directories()
     generate(lm, [f"Name three {thing} and say why." for thing in ("birds", "tools")], 30)
     before = free_files(directory)
     assert before
@@ -246,6 +251,7 @@ def three_prompts_match_hf(
     from hallulens_models.vllm_lm import HalluLensVLLM
 
     path = tmp_path / "acts.lmdb"
+    others = set(worker_directories())  # of engines other tests keep
     lm = HalluLensVLLM(
         pretrained="smollm2",
         activations=str(path),
@@ -259,8 +265,11 @@ def three_prompts_match_hf(
     )
     try:
         texts = generate(lm, ["The capital of France is", "Count: 1, 2, 3,", "Name a fruit."], 12)
+        directories = set(worker_directories()) - others
+        assert len(directories) == 1  # the first rank's
     finally:
         shut_down(lm)
+    assert not any(os.path.exists(d) for d in directories)  # the worker removed its files
     with open_store(path) as store:
         assert len(store) == 3  # one record per request, whatever the number of workers
         assert sorted(store[k].response for k in store) == sorted(texts)
