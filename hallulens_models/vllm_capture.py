@@ -21,7 +21,7 @@ from hallulens_capture.positions import response_length, token_positions
 from hallulens_capture.record import storage_dtype
 from hallulens_capture.session import CapturedSample
 from hallulens_capture.spec import CaptureSpec
-from hallulens_models.vllm_handover import read
+from hallulens_models.vllm_handover import read, release
 from hallulens_models.vllm_worker import CONFIG_KEY, TAG
 
 log = logging.getLogger(__name__)
@@ -161,22 +161,30 @@ def samples(
     mapped, not read (their bytes are copied once, into the record), and go back to their
     worker when the record is written (`vllm_handover.read`)."""
     found = {item["tag"]: item for rank in results for item in rank}
+    items = {
+        p.tag: found.get(p.tag) or {"missing": "all"}
+        for p in plans
+        if len(p.positions) or (topk and len(p.generated_token_ids))
+    }
+    missing = [item["missing"] for item in items.values() if "missing" in item]
+    if missing:
+        for item in found.values():  # none mapped yet: all go back to their worker
+            if "path" in item:
+                release(item["path"], 0)
+        if "token statistics" in missing:
+            raise CaptureError("vLLM gave no token statistics for some tokens of a request")
+        raise CaptureError(
+            f"vLLM ran no forward pass for positions {missing[0]} of a request; its activations "
+            "are incomplete"
+        )
     storage = storage_dtype(dtype)
     layers, hidden = shape
     out = []
     for p in plans:
         rows = np.empty((layers, 0, hidden), dtype=storage)
         stats = np.empty((0, 2 + 2 * topk), dtype=np.float32) if topk else None
-        if len(p.positions) or (topk and len(p.generated_token_ids)):
-            item = found.get(p.tag) or {"missing": "all"}
-            if item.get("missing") == "token statistics":
-                raise CaptureError("vLLM gave no token statistics for some tokens of a request")
-            if "missing" in item:
-                raise CaptureError(
-                    f"vLLM ran no forward pass for positions {item['missing']} of a request; "
-                    "its activations are incomplete"
-                )
-            kept, stats = read(item, storage, topk)
+        if p.tag in items:
+            kept, stats = read(items[p.tag], storage, topk)
             rows = rows if kept is None else kept
         out.append(
             CapturedSample(p.prompt_token_ids, p.generated_token_ids, p.positions, rows, stats)

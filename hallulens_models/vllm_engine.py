@@ -12,8 +12,9 @@ as in the worker (rows by absolute position, the first rank keeps them).
 `hallulens-vllm` builds its engine as a `CaptureLLM` and writes each record from
 `on_finished`. With `data_parallel_size` > 1 the harness runs replicas as Ray tasks (maybe on
 other nodes, where no path of the front end's machine exists): there `on_finished` hangs each
-sample on its `RequestOutput`, and Ray carries it back with the outputs (numpy arrays out of
-band), for the front end to write: the store keeps one writer, on the front end's machine.
+sample on its `RequestOutput`, and Ray carries it back with the outputs (its arrays copied
+out of the hand-over files as they are pickled), for the front end to write: the store keeps
+one writer, on the front end's machine.
 `capture_engine` has the harness build `CaptureLLM` wherever it builds `LLM`: the replica
 function finds `LLM` among its module's globals when Ray ships it.
 """

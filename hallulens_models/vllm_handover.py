@@ -10,14 +10,16 @@ Files are reused. Writing into fresh shared-memory pages costs a page allocation
 and freeing them again when the record is written (here ~30 ms per 60 MB of rows on the
 worker's helper thread and ~9 ms on the front end). So the worker keeps its files in a directory
 of its own, and the front end, once a file's last mapped view is gone (the record encoded),
-renames it `free-*` instead of deleting it; the worker's next request takes a free file whose
-pages are already there. Token-major rows make that work for requests of any length: each uses
-a prefix of its file. The worker keeps at most as many free files as it has had requests in
-flight at once, so the pool never holds more than the run's own peak of rows.
+cuts it back to the rows its request wrote and renames it `free-*` instead of deleting it; the
+worker's next request takes a free file whose pages are already there. Token-major rows make
+that work for requests of any length: each uses a prefix of its file. The worker keeps at most
+as many free files as it has had requests in flight at once, so the free files hold about the
+rows of as many requests as ran at once (those of the last ones to finish).
 
-A worker's directory holds a lock file it keeps locked while alive; a worker starting up removes
-the directories whose lock nobody holds (left by a killed worker) — a lock, not a pid, because
-containers sharing /dev/shm do not share pid numbers.
+A worker's directory holds a lock file it keeps locked while alive (the directory gets its name
+only once locked); a worker starting up removes the directories whose lock nobody holds (left by
+a killed worker) or whose lock is gone (a removal that raced a release) — a lock, not a pid,
+because containers sharing /dev/shm do not share pid numbers.
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ def remove_stale(root: str) -> list[str]:
             continue
         try:
             fd = os.open(os.path.join(entry.path, LOCK), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # ours, its lock gone: a removal that raced a release
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+            continue
         except OSError:
-            continue  # not ours, another user's, or still being made
+            continue  # another user's
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -70,10 +76,12 @@ def _remove(directory: str, lock: int) -> None:
     os.close(lock)
 
 
-def release(path: str) -> None:
-    """Give a hand-over file back to its worker's pool (nothing if the worker is gone)."""
+def release(path: str, keep: int) -> None:
+    """Give a hand-over file back to its worker's pool, cut to its first `keep` bytes (the rows
+    its request wrote: what the next request reuses; nothing if the worker is gone)."""
     free = os.path.join(os.path.dirname(path), f"{FREE}{uuid.uuid4().hex}.bin")
     with contextlib.suppress(FileNotFoundError):
+        os.truncate(path, keep)
         os.rename(path, free)
 
 
@@ -83,10 +91,13 @@ class HandoverPool:
     def __init__(self, root: str | None = None) -> None:
         root = root or shared_memory()
         remove_stale(root)
-        # readable by this user only (activations); a name of its own even in the same process
-        self.directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
-        lock = os.open(os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        # readable by this user only (activations), a name of its own even in the same process,
+        # and locked before it gets the name other workers' `remove_stale` looks at
+        making = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-", dir=root)
+        lock = os.open(os.path.join(making, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         fcntl.flock(lock, fcntl.LOCK_EX)
+        self.directory = os.path.join(root, os.path.basename(making)[1:])
+        os.rename(making, self.directory)
         self.most = 0  # most files in use at once: the pool keeps no more free ones
         # at close, exit or when the pool goes: the directory goes, with any file not collected
         self._finalizer = weakref.finalize(self, _remove, self.directory, lock)
@@ -163,7 +174,8 @@ class Handover:
     def discard(self) -> None:
         """Close the file and give it back to the pool."""
         self.close()
-        release(self.path)
+        written = np.flatnonzero(self.filled)
+        release(self.path, (int(written[-1]) + 1 if len(written) else 0) * self.row_bytes)
 
 
 def read(item: dict, storage: np.dtype, topk: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -176,10 +188,11 @@ def read(item: dict, storage: np.dtype, topk: int) -> tuple[np.ndarray | None, n
     offset, n = item["stats"]
     width = 2 + 2 * topk
     whole = np.memmap(item["path"], np.uint8, "r")
-    weakref.finalize(whole, release, item["path"])
+    row_bytes = layers * hidden * storage.itemsize
+    weakref.finalize(whole, release, item["path"], (at + count) * row_bytes)
     rows = stats = None
     if count:
-        data = whole[: capacity * layers * hidden * storage.itemsize].view(storage)
+        data = whole[: capacity * row_bytes].view(storage)
         rows = data.reshape(capacity, layers, hidden)[at : at + count].transpose(1, 0, 2)
     if topk:
         stats = whole[offset : offset + n * width * 4].view(np.float32).reshape(n, width)

@@ -63,7 +63,7 @@ def test_front_end_reads_what_the_worker_wrote(pool):
 
 def test_a_file_is_reused_only_when_no_view_of_it_is_left(pool):
     block = np.ones((4, LAYERS, HIDDEN), F16)
-    path, item = written(pool, 4, 0, {0: block}, np.zeros((0, 2), np.float32))
+    path, item = written(pool, 16, 0, {0: block}, np.ones((3, 2), np.float32))
     inode = os.stat(path).st_ino
     rows, _ = handover.read(item, F16, 0)
     layer = rows[1]  # a view the front end still holds (as a record being encoded would)
@@ -79,8 +79,10 @@ def test_a_file_is_reused_only_when_no_view_of_it_is_left(pool):
     del layer
     gc.collect()
     assert not os.path.exists(path)
-    # now released: the next request reuses the file, its pages already there
+    # now released, cut back to the 4 rows its request wrote (capacity 16, statistics after)
     assert len(free_files(pool)) == 2
+    sizes = {e.inode(): e.stat().st_size for e in os.scandir(pool.directory)}
+    assert sizes[inode] == 4 * LAYERS * HIDDEN * F16.itemsize
     reused = pool.open([2, LAYERS, HIDDEN], F16, 0)
     assert os.stat(reused.path).st_ino in {inode, other_inode}
     assert len(free_files(pool)) == 1
@@ -97,6 +99,7 @@ def test_reuse_keeps_the_pages_and_pool_stays_bounded(pool, tmp_path_factory):
     inodes = set()
     for file in files:
         file.write(0, np.ones((8, LAYERS, HIDDEN), F16))
+        file.filled += 1  # as the worker's _write_rows counts them
         inodes.add(os.stat(file.path).st_ino)
         file.discard()  # the request was dropped: back into the pool
     pool.trim(in_use=4)
@@ -112,6 +115,14 @@ def test_reuse_keeps_the_pages_and_pool_stays_bounded(pool, tmp_path_factory):
         other.open([1, LAYERS, HIDDEN], F16, 0).discard()
     other.trim(in_use=1)
     assert len(free_files(other)) == 1
+    # a dropped request's file is cut back to the rows written (3 of 8), its statistics none
+    partial = other.open([8, LAYERS, HIDDEN], F16, 0)
+    partial.write(0, np.ones((3, LAYERS, HIDDEN), F16))
+    partial.filled[:3] += 1  # as the worker's _write_rows counts them
+    inode = os.stat(partial.path).st_ino
+    partial.discard()
+    sizes = {e.inode(): e.stat().st_size for e in os.scandir(other.directory)}
+    assert sizes[inode] == 3 * LAYERS * HIDDEN * F16.itemsize
 
 
 def test_a_killed_workers_directory_is_removed_a_live_ones_kept(tmp_path):
@@ -124,14 +135,18 @@ def test_a_killed_workers_directory_is_removed_a_live_ones_kept(tmp_path):
     (alive / handover.LOCK).touch()
     held = os.open(alive / handover.LOCK, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)
-    unknown = tmp_path / f"{handover.PREFIX}999997"  # no lock file: not one we made
-    unknown.mkdir()
+    lockless = tmp_path / f"{handover.PREFIX}999997"  # its removal raced a release
+    lockless.mkdir()
+    (lockless / "free-b.bin").write_bytes(b"x")
+    making = tmp_path / f".{handover.PREFIX}999996-x"  # a pool not yet locked: not its name yet
+    making.mkdir()
+    (making / handover.LOCK).touch()
     try:
         removed = handover.remove_stale(str(tmp_path))
     finally:
         os.close(held)
-    assert removed == [str(dead)]
-    assert not dead.exists() and alive.exists() and unknown.exists()
+    assert sorted(removed) == sorted([str(dead), str(lockless)])
+    assert alive.exists() and making.exists()
     # a pool starting up does the same
     pool = handover.HandoverPool(str(tmp_path))
     assert not alive.exists() and os.path.isdir(pool.directory)
