@@ -40,6 +40,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from hallulens_capture import locks
 from hallulens_capture.errors import RecordConflictError, ShardBusyError, StoreError
 from hallulens_capture.keys import shown_key
 from hallulens_capture.lmdbfile import LayoutError, check_data_file, read_meta, value_spans
@@ -229,25 +230,6 @@ def _lock_shard(directory: str, name: str, store: str) -> int:
 def _writer_text() -> str:
     """Who holds a shard's writer lock, as its lock file says."""
     return f"pid {os.getpid()} on {socket.gethostname()}"
-
-
-def _lock_held(directory: str) -> bool | None:
-    """Whether a process holds the shard's writer lock now (None: cannot tell)."""
-    try:
-        fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # also drops the shared lock just taken
-    return False
 
 
 class _Environment:
@@ -747,7 +729,8 @@ class ActivationStore(Mapping[str, Record]):
                         "name": part.name,
                         "records": part.entries(),
                         "complete": complete,
-                        "writing": part is self._own or _lock_held(part.path),
+                        "writing": part is self._own
+                        or locks.held(os.path.join(part.path, WRITER_LOCK)),
                     }
                 )
         return sorted(out, key=lambda shard: _natural(shard["name"]))

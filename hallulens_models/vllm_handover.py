@@ -34,6 +34,7 @@ import weakref
 
 import numpy as np
 
+from hallulens_capture import locks
 from hallulens_capture.errors import CaptureError
 
 PREFIX = "hallulens-vllm-"  # a worker's directory: PREFIX + pid + "-" + a random part
@@ -46,28 +47,15 @@ def shared_memory() -> str:
 
 
 def remove_stale(root: str) -> list[str]:
-    """Remove the worker directories under `root` whose lock nobody holds; return them."""
+    """Remove the worker directories under `root` whose lock nobody holds (a killed worker's)
+    or whose lock is gone (a removal that raced a release); return them."""
     removed = []
     for entry in os.scandir(root):
         if not entry.name.startswith(PREFIX) or not entry.is_dir(follow_symlinks=False):
             continue
-        try:
-            fd = os.open(os.path.join(entry.path, LOCK), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # ours, its lock gone: a removal that raced a release
+        if locks.held(os.path.join(entry.path, LOCK)) is False:  # None: another user's
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
-            continue
-        except OSError:
-            continue  # another user's
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # its worker is alive
-        else:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-        finally:
-            os.close(fd)
     return removed
 
 

@@ -166,12 +166,13 @@ class LayerRows:
         count = sum(k for *_, k in picks)
         adjacent = all(a[2] + a[3] == b[2] for a, b in itertools.pairwise(picks))
         shape = (count, len(aux), aux[0].shape[-1])
+        size = count * len(aux) * aux[0].shape[-1]
         if self._pinned:  # torch's caching allocator keeps the device's memory
             out = torch.empty(shape, dtype=self._dtype, device=aux[0].device)
         else:  # the helper's block, kept: fresh host memory faults in page by page every step
-            if self._block.numel() < np.prod(shape):
-                self._block = torch.empty(int(np.prod(shape)), dtype=self._dtype)
-            out = self._block[: np.prod(shape)].view(shape)
+            if self._block.numel() < size:
+                self._block = torch.empty(size, dtype=self._dtype)
+            out = self._block[:size].view(shape)
         if adjacent:
             for i, h in enumerate(aux):
                 out[:, i].copy_(h[first_row : first_row + count])
