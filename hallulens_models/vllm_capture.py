@@ -166,11 +166,14 @@ def samples(
         for p in plans
         if len(p.positions) or (topk and len(p.generated_token_ids))
     }
-    missing = [item["missing"] for item in items.values() if "missing" in item]
-    if missing:
+    if any("path" not in item for item in items.values()):
         for item in found.values():  # none mapped yet: all go back to their worker
             if "path" in item:
                 release(item["path"], 0)
+        errors = [item["error"] for item in items.values() if "error" in item]
+        if errors:  # the worker could not write them (a full /dev/shm)
+            raise CaptureError(errors[0])
+        missing = [item["missing"] for item in items.values() if "missing" in item]
         if "token statistics" in missing:
             raise CaptureError("vLLM gave no token statistics for some tokens of a request")
         raise CaptureError(

@@ -54,6 +54,7 @@ class CaptureLLM(LLM):
         super().__init__(*args, **kwargs)
         self.on_finished: Finished = attach
         self._tagged: dict[str, object] = {}  # request id -> SamplingParams, until finished
+        self._running: set[str] = set()  # this call's request ids, until finished
         self._config = (self.llm_engine.vllm_config.additional_config or {}).get(CONFIG_KEY)
         if not self._config:
             return
@@ -66,6 +67,7 @@ class CaptureLLM(LLM):
 
         def step_and_collect():
             outputs = step()
+            self._running.difference_update(o.request_id for o in outputs if o.finished)
             done = [o for o in outputs if o.finished and o.request_id in self._tagged]
             if done:
                 self._collect(done)
@@ -77,6 +79,7 @@ class CaptureLLM(LLM):
         def add_and_note(request_id: str, prompt, params, *args, **kwargs):
             """Note a tagged request by the id its outputs carry (the one given here: the
             engine returns an internal id with a random suffix instead)."""
+            self._running.add(request_id)
             if TAG in (getattr(params, "extra_args", None) or {}):
                 self._tagged[request_id] = params
             return add(request_id, prompt, params, *args, **kwargs)
@@ -86,6 +89,11 @@ class CaptureLLM(LLM):
     def generate(self, *args, **kwargs):
         try:
             return super().generate(*args, **kwargs)
+        except BaseException:
+            if self._running:  # a failed hand-over: the call's other requests stop too
+                self.llm_engine.abort_request(list(self._running))
+                self._running.clear()
+            raise
         finally:
             if self._config and self._tagged:  # aborted: the worker forgets their rows
                 self._tagged.clear()

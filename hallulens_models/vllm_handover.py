@@ -130,10 +130,15 @@ class Handover:
         self.first = first  # the position of row 0
         self.shape = shape
         self.row_bytes = int(np.prod(shape[1:])) * storage.itemsize
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-        if os.fstat(self._fd).st_size < shape[0] * self.row_bytes:  # a reused file keeps its pages
-            os.ftruncate(self._fd, shape[0] * self.row_bytes)
         self.filled = np.zeros(shape[0], dtype=np.int32)  # times each row was written
+        # why the request's rows cannot be handed over (a full /dev/shm): its call fails at
+        # collect time, the engine goes on with the other requests
+        self.failed: str | None = None
+        self._fd: int | None = None
+        try:  # no size set: rows and statistics go where they belong, the rest stays a hole
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        except OSError as exc:
+            self.failed = _cannot_write(path, exc)
 
     @property
     def stats_offset(self) -> int:
@@ -141,17 +146,15 @@ class Handover:
 
     def write(self, at: int, data: np.ndarray) -> None:
         """`data` (C-contiguous) at row `at`, or past the rows (`at` = capacity: statistics)."""
+        if self.failed:
+            raise CaptureError(self.failed)
         view, offset = memoryview(data.reshape(-1).view(np.uint8)), at * self.row_bytes
         try:
             while view:
                 done = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
                 view, offset = view[done:], offset + done
         except OSError as exc:
-            raise CaptureError(
-                f"cannot write captured rows to {self.path}: {exc.strerror} (is "
-                f"{os.path.dirname(os.path.dirname(self.path))} full? it holds the rows of "
-                "each running request)"
-            ) from None
+            raise CaptureError(_cannot_write(self.path, exc)) from None
 
     def close(self) -> None:
         """Close the file (its data stays)."""
@@ -166,12 +169,20 @@ class Handover:
         release(self.path, (int(written[-1]) + 1 if len(written) else 0) * self.row_bytes)
 
 
+def _cannot_write(path: str, exc: OSError) -> str:
+    return (
+        f"cannot write captured rows to {path}: {exc.strerror} (is "
+        f"{os.path.dirname(os.path.dirname(path))} full? it holds the rows of each running "
+        "request)"
+    )
+
+
 def read(item: dict, storage: np.dtype, topk: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The front end's view of a collected file (`LayerRows.collect`'s item): its rows as
     [layers, rows, hidden] (None when it keeps none) and its token statistics [n, 2 + 2k] (None
     with topk 0), both views of one read-only map. The file goes back to its worker's pool when
     the last view of it is gone."""
-    capacity, layers, hidden = item["shape"]
+    _, layers, hidden = item["shape"]
     at, count = item["rows"]
     offset, n = item["stats"]
     width = 2 + 2 * topk
@@ -179,9 +190,9 @@ def read(item: dict, storage: np.dtype, topk: int) -> tuple[np.ndarray | None, n
     row_bytes = layers * hidden * storage.itemsize
     weakref.finalize(whole, release, item["path"], (at + count) * row_bytes)
     rows = stats = None
-    if count:
-        data = whole[: capacity * row_bytes].view(storage)
-        rows = data.reshape(capacity, layers, hidden)[at : at + count].transpose(1, 0, 2)
+    if count:  # the file holds no more than the rows written (and the statistics after them)
+        data = whole[at * row_bytes : (at + count) * row_bytes].view(storage)
+        rows = data.reshape(count, layers, hidden).transpose(1, 0, 2)
     if topk:
         stats = whole[offset : offset + n * width * 4].view(np.float32).reshape(n, width)
     return rows, stats

@@ -220,7 +220,8 @@ class LayerRows:
         statistics of the first generated tokens appended. Zeros just forget the request.
         `forget_others` also drops every request not asked for: after an offline generate call
         those are leftovers (aborted requests); a server has others still running. A request
-        missing a row is reported, never padded.
+        missing a row, or whose file could not be written (a full /dev/shm), is reported, never
+        padded: its call fails, the engine goes on.
         """
         while self._written:  # the steps still being written off the engine's thread
             self._written.popleft().result()
@@ -238,6 +239,10 @@ class LayerRows:
                 continue
             if handover is None:  # no row kept (the statistics alone, or rows missing)
                 handover = self._pool.open([0, self._layers, 0], self._storage, first)
+            if handover.failed:
+                handover.discard()
+                out.append({"tag": tag, "error": handover.failed})
+                continue
             at = first - handover.first
             filled = handover.filled[at : at + count]
             if len(filled) < count:
@@ -255,9 +260,10 @@ class LayerRows:
                 continue
             try:
                 handover.write(handover.shape[0], table)  # at stats_offset, after the rows
-            except CaptureError:
+            except CaptureError as exc:
                 handover.discard()
-                raise
+                out.append({"tag": tag, "error": str(exc)})
+                continue
             handover.close()
             out.append(
                 {
@@ -296,9 +302,15 @@ def _write_rows(
     rows = storage_view(block)
     offset = 0
     for handover, at, _, k in picks:
-        handover.write(at, rows[offset : offset + k])
+        run, offset = rows[offset : offset + k], offset + k
+        if handover.failed:
+            continue
+        try:
+            handover.write(at, run)
+        except CaptureError as exc:  # the request's collect reports it; the engine goes on
+            handover.failed = str(exc)
+            continue
         handover.filled[at : at + k] += 1
-        offset += k
 
 
 def _install(worker) -> None:

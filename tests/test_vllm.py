@@ -225,6 +225,48 @@ def test_hand_over_files_are_reused_and_hold_only_the_new_rows(preempting_lm, re
         check_against_hf(store, reference_model, "hallulens-vllm (reused hand-over files)")
 
 
+def test_a_full_hand_over_directory_fails_the_call_not_the_engine(tmp_path, reference_model):
+    """A request whose rows do not fit where its worker hands them over (here: past a file size
+    limit set on the worker, as on a full /dev/shm) fails its call with one error naming the
+    file; the engine stays up, its next call is whole and matches HF, no file stays in use."""
+    from hallulens_capture.errors import CaptureError
+    from hallulens_models.vllm_handover import PREFIX
+    from hallulens_models.vllm_lm import HalluLensVLLM
+
+    path = tmp_path / "acts.lmdb"
+    others = set(worker_directories())  # of engines other tests keep
+    lm = HalluLensVLLM(
+        pretrained="smollm2",
+        activations=str(path),
+        capture_tokens="all",
+        capture_dtype="float32",
+        batch_size="auto",
+        max_num_seqs=1,  # the long prompt (the harness sorts it first) fails while others wait
+        dtype="float32",
+        gpu_memory_utilization=0.2,
+        enforce_eager=True,
+        max_model_len=128,
+    )
+    try:
+        [directory] = set(worker_directories()) - others
+        worker = psutil.Process(int(os.path.basename(directory)[len(PREFIX) :].split("-")[0]))
+        # 4 MiB: 58 rows of 31 layers x 576 in float32 (Python ignores SIGXFSZ: pwrite fails)
+        worker.rlimit(psutil.RLIMIT_FSIZE, (4 << 20, worker.rlimit(psutil.RLIMIT_FSIZE)[1]))
+        short = [f"A short note on {thing}" for thing in ("salt", "maps", "tea")]
+        long = "Describe " + ", ".join(["the rivers and the mountains of the north"] * 10)
+        with pytest.raises(CaptureError, match=r"^cannot write captured rows to /\S+\.bin: File "):
+            generate(lm, [short[0], long, short[1]], 12)
+        texts = generate(lm, short, 12)
+        assert len(texts) == len(short)  # the failed call's waiting requests were aborted
+        free_files(directory)  # every file back in the pool
+        with open_store(path) as store:
+            responses = [store[k].response for k in store]
+            assert set(texts) <= set(responses) and len(responses) <= len(short) + 2
+            check_against_hf(store, reference_model, "hallulens-vllm (after a full /dev/shm)")
+    finally:
+        shut_down(lm)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
