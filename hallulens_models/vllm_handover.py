@@ -17,9 +17,10 @@ as many free files as it has had requests in flight at once, so the free files h
 rows of as many requests as ran at once (those of the last ones to finish).
 
 A worker's directory holds a lock file it keeps locked while alive (the directory gets its name
-only once locked); a worker starting up removes the directories whose lock nobody holds (left by
-a killed worker) or whose lock is gone (a removal that raced a release) — a lock, not a pid,
-because containers sharing /dev/shm do not share pid numbers.
+only once locked); a worker starting up, and a server's front end when it exits, remove the
+directories whose lock nobody holds (left by a killed worker) or whose lock is gone (a removal
+that raced a release) — a lock, not a pid, because containers sharing /dev/shm do not share pid
+numbers.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import weakref
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -57,6 +60,18 @@ def remove_stale(root: str) -> list[str]:
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed
+
+
+def remove_when_gone(directories: Iterable[str], wait: float = 3.0) -> None:
+    """Remove these workers' directories once their workers are gone, and any other stale one.
+    For a front end at exit: `vllm serve`, stopping, force-kills its worker, maybe while the
+    worker removes its own directory; the kernel drops the worker's lock once it has finished
+    the process, so a lock still held is waited for, `wait` seconds at most in all."""
+    deadline = time.monotonic() + wait
+    for directory in list(directories):
+        while locks.held(os.path.join(directory, LOCK)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    remove_stale(shared_memory())
 
 
 def _remove(directory: str, lock: int) -> None:

@@ -18,6 +18,7 @@ without the plugin.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -133,8 +134,11 @@ class _Recorder:
 
     def __init__(self, engine) -> None:
         from hallulens_capture.session import CaptureSession
+        from hallulens_models.vllm_handover import remove_when_gone
         from hallulens_models.vllm_worker import CONFIG_KEY
 
+        self.workers: set[str] = set()  # the hand-over directories records came from
+        atexit.register(remove_when_gone, self.workers)  # the server kills its worker as it stops
         config = engine.vllm_config.additional_config[CONFIG_KEY]
         model = engine.vllm_config.model_config
         self.spec = _spec()
@@ -162,6 +166,7 @@ class _Recorder:
         results = await engine.collective_rpc(
             capture.COLLECT, args=(capture.wanted([plan], topk), False)
         )
+        self.workers.update(os.path.dirname(i["path"]) for r in results for i in r if "path" in i)
         [sample] = capture.samples([plan], results, self.spec.dtype, topk, self.shape)
         prompt = answer.prompt
         if prompt is None:  # a request given as token ids

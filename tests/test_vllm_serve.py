@@ -16,6 +16,7 @@ from reference import NO_TOKENS, compare_record, compare_token_stats
 
 from hallulens_capture import open_store
 from hallulens_capture.keys import record_key
+from hallulens_models.vllm_handover import PREFIX, shared_memory
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm")
@@ -79,6 +80,7 @@ def test_vllm_serve_records_every_request(tmp_path, smollm2_dir, reference_model
     try:
         wait_until_up(server, port, log)
         sockets = listening(server.pid)
+        workers = [f"{PREFIX}{p.pid}-" for p in psutil.Process(server.pid).children(True)]
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         ask = {"model": "smollm2", "max_tokens": 20, "temperature": 0}
@@ -109,6 +111,8 @@ def test_vllm_serve_records_every_request(tmp_path, smollm2_dir, reference_model
         server.terminate()
         server.wait(60)
 
+    # vLLM force-kills the worker as the server stops: the server removes its directory
+    assert not [e.name for e in os.scandir(shared_memory()) if e.name.startswith(tuple(workers))]
     # the front end listens only where it was told; engine processes only on loopback
     assert sockets[server.pid] == {("127.0.0.1", port)}
     assert all(ip == "127.0.0.1" for found in sockets.values() for ip, _ in found)
