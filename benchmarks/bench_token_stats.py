@@ -10,10 +10,10 @@ sides (each side has its own store), so both generate the same tokens.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import itertools
 import os
-import sys
 import tempfile
 import time
 
@@ -114,19 +114,33 @@ def row(engine: str, workload: str, with_s: float, without_s: float) -> dict:
     }
 
 
-def run(quick: bool) -> dict[str, object]:
-    repeats = 2 if quick else 5
+def run(quick: bool, engines: list[str], repeats: int | None) -> dict[str, object]:
+    repeats = repeats or (2 if quick else 5)
     tags = iter(range(10**9))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = hf(tmp, tags, (4,) if quick else (1, 4, 16), 16 if quick else 64, repeats)
-        rows += gguf(tmp, tags, (32,) if quick else (32, 128), repeats)
-        rows += vllm(tmp, tags, repeats)
+        if "hf" in engines:
+            rows += hf(tmp, tags, (4,) if quick else (1, 4, 16), 16 if quick else 64, repeats)
+        if "gguf" in engines:
+            rows += gguf(tmp, tags, (32,) if quick else (32, 128), repeats)
+        if "vllm" in engines:
+            rows += vllm(tmp, tags, repeats)
     return {"rows": rows, "topk": TOPK, "layers": "all", "storage": "float16", "repeats": repeats}
+
+
+def options() -> argparse.Namespace:
+    """This benchmark's own options (`make bench` passes every benchmark the same arguments)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--engines", default="hf,gguf,vllm", help="comma-separated subset")
+    parser.add_argument("--repeats", type=int, help="calls per side (default 5, 2 with --quick)")
+    return parser.parse_known_args()[0]
 
 
 if __name__ == "__main__":
     start = time.perf_counter()
-    result = run("--quick" in sys.argv)
+    args = options()
+    result = run(args.quick, args.engines.split(","), args.repeats)
     print(
         table(
             f"Token statistics (SmolLM2, CPU): capture with ÷ without capture_topk={TOPK} "
