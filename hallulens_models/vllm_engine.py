@@ -90,20 +90,27 @@ class CaptureLLM(LLM):
         try:
             return super().generate(*args, **kwargs)
         except BaseException:
-            if self._running:  # a failed hand-over: the call's other requests stop too
-                self.llm_engine.abort_request(list(self._running))
-                self._running.clear()
+            if self._config:
+                self._stop_call()
             raise
         finally:
-            if self._config and self._tagged:  # aborted: the worker forgets their rows
-                self._tagged.clear()
-                self.collective_rpc(capture.COLLECT, args=([], True))
             if self._config and self.recomputed:
                 log.info(
                     "%d captured rows were computed again after preemption (kept once)",
                     self.recomputed,
                 )
                 self.recomputed = 0
+
+    def _stop_call(self) -> None:
+        """A call failed (a capture error, an interrupt): its other requests stop, and the
+        worker forgets the rows of every request not collected — those still running and those
+        that finished with the failed one. An error here would hide the one being raised."""
+        with contextlib.suppress(Exception):
+            self.llm_engine.abort_request(list(self._running))
+        self._running.clear()
+        self._tagged.clear()
+        with contextlib.suppress(Exception):
+            self.collective_rpc(capture.COLLECT, args=([], True))
 
     def _collect(self, outputs: list) -> None:
         """Hand the finished requests' rows over, a few MiB per call (`capture.handover_groups`),

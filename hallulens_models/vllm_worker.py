@@ -243,7 +243,7 @@ class LayerRows:
                 handover.discard()
                 out.append({"tag": tag, "error": handover.failed})
                 continue
-            at = first - handover.first
+            at = first - handover.first if count else 0  # no row kept: `first` is 0
             filled = handover.filled[at : at + count]
             if len(filled) < count:
                 filled = np.concatenate([filled, np.zeros(count - len(filled), np.int32)])

@@ -225,14 +225,19 @@ def test_hand_over_files_are_reused_and_hold_only_the_new_rows(preempting_lm, re
         check_against_hf(store, reference_model, "hallulens-vllm (reused hand-over files)")
 
 
-def test_a_full_hand_over_directory_fails_the_call_not_the_engine(tmp_path, reference_model):
+def test_a_full_hand_over_directory_fails_the_call_not_the_engine(
+    tmp_path, reference_model, monkeypatch
+):
     """A request whose rows do not fit where its worker hands them over (here: past a file size
     limit set on the worker, as on a full /dev/shm) fails its call with one error naming the
-    file; the engine stays up, its next call is whole and matches HF, no file stays in use."""
+    file; the requests that finished with it and those still waiting are dropped, no file stays
+    in use, the engine stays up and its next call is whole and matches HF."""
     from hallulens_capture.errors import CaptureError
+    from hallulens_models import vllm_capture
     from hallulens_models.vllm_handover import PREFIX
     from hallulens_models.vllm_lm import HalluLensVLLM
 
+    monkeypatch.setattr(vllm_capture, "HANDOVER_BYTES", 1)  # one hand-over call per request
     path = tmp_path / "acts.lmdb"
     others = set(worker_directories())  # of engines other tests keep
     lm = HalluLensVLLM(
@@ -241,7 +246,7 @@ def test_a_full_hand_over_directory_fails_the_call_not_the_engine(tmp_path, refe
         capture_tokens="all",
         capture_dtype="float32",
         batch_size="auto",
-        max_num_seqs=1,  # the long prompt (the harness sorts it first) fails while others wait
+        max_num_seqs=3,  # the long prompt (the harness sorts it first) runs with two others
         dtype="float32",
         gpu_memory_utilization=0.2,
         enforce_eager=True,
@@ -254,11 +259,15 @@ def test_a_full_hand_over_directory_fails_the_call_not_the_engine(tmp_path, refe
         worker.rlimit(psutil.RLIMIT_FSIZE, (4 << 20, worker.rlimit(psutil.RLIMIT_FSIZE)[1]))
         short = [f"A short note on {thing}" for thing in ("salt", "maps", "tea")]
         long = "Describe " + ", ".join(["the rivers and the mountains of the north"] * 10)
-        with pytest.raises(CaptureError, match=r"^cannot write captured rows to /\S+\.bin: File "):
-            generate(lm, [short[0], long, short[1]], 12)
+        full = r"^cannot write captured rows to /\S+\.bin: File "
+        # the long prompt, two that finish with it (their rows handed over after its), one waiting
+        for prompts in ([short[0], long, *short[1:]], [short[0], long, short[1]]):
+            with pytest.raises(CaptureError, match=full):
+                generate(lm, prompts, 12)
+            free_files(directory)  # none in use: the other requests' files went back too
         texts = generate(lm, short, 12)
-        assert len(texts) == len(short)  # the failed call's waiting requests were aborted
-        free_files(directory)  # every file back in the pool
+        assert len(texts) == len(short)  # nothing of the failed calls comes back with this one
+        free_files(directory)
         with open_store(path) as store:
             responses = [store[k].response for k in store]
             assert set(texts) <= set(responses) and len(responses) <= len(short) + 2
