@@ -62,6 +62,13 @@ def remove_stale(root: str) -> list[str]:
     return removed
 
 
+def directories_of(pids: Iterable[int]) -> list[str]:
+    """The hand-over directories of these processes (a server's engine processes)."""
+    names = tuple(f"{PREFIX}{pid}-" for pid in pids)
+    root = shared_memory()
+    return [e.path for e in os.scandir(root) if e.name.startswith(names)] if names else []
+
+
 def remove_when_gone(directories: Iterable[str], wait: float = 3.0) -> None:
     """Remove these workers' directories once their workers are gone, and any other stale one.
     For a front end at exit: `vllm serve`, stopping, force-kills its worker, maybe while the

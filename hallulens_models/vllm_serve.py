@@ -133,12 +133,15 @@ class _Recorder:
     at a time, and a server has no end of run at which extra writers' shards are complete)."""
 
     def __init__(self, engine) -> None:
+        import psutil
+
         from hallulens_capture.session import CaptureSession
-        from hallulens_models.vllm_handover import remove_when_gone
+        from hallulens_models.vllm_handover import directories_of, remove_when_gone
         from hallulens_models.vllm_worker import CONFIG_KEY
 
-        self.workers: set[str] = set()  # the hand-over directories records came from
-        atexit.register(remove_when_gone, self.workers)  # the server kills its worker as it stops
+        # the engine's workers (running: a request came): the server kills them as it stops
+        workers = directories_of(p.pid for p in psutil.Process().children(recursive=True))
+        atexit.register(remove_when_gone, workers)
         config = engine.vllm_config.additional_config[CONFIG_KEY]
         model = engine.vllm_config.model_config
         self.spec = _spec()
@@ -166,7 +169,6 @@ class _Recorder:
         results = await engine.collective_rpc(
             capture.COLLECT, args=(capture.wanted([plan], topk), False)
         )
-        self.workers.update(os.path.dirname(i["path"]) for r in results for i in r if "path" in i)
         [sample] = capture.samples([plan], results, self.spec.dtype, topk, self.shape)
         prompt = answer.prompt
         if prompt is None:  # a request given as token ids
