@@ -65,8 +65,7 @@ def remove_stale(root: str) -> list[str]:
 def directories_of(pids: Iterable[int]) -> list[str]:
     """The hand-over directories of these processes (a server's engine processes)."""
     names = tuple(f"{PREFIX}{pid}-" for pid in pids)
-    root = shared_memory()
-    return [e.path for e in os.scandir(root) if e.name.startswith(names)] if names else []
+    return [e.path for e in os.scandir(shared_memory()) if e.name.startswith(names)]
 
 
 def remove_when_gone(directories: Iterable[str], wait: float = 3.0) -> None:

@@ -303,10 +303,8 @@ def _write_rows(
     offset = 0
     for handover, at, _, k in picks:
         run, offset = rows[offset : offset + k], offset + k
-        if handover.failed:
-            continue
         try:
-            handover.write(at, run)
+            handover.write(at, run)  # raises once the request's file has failed
         except CaptureError as exc:  # the request's collect reports it; the engine goes on
             handover.failed = str(exc)
             continue
