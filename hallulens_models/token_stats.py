@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,7 @@ import torch
 from hallulens_capture.errors import CaptureError
 
 EXACT_IDS = 1 << 24  # token ids travel as float32: exact below this
+LOG2E = 1 / math.log(2)
 
 
 R = TypeVar("R")
@@ -73,21 +75,21 @@ def top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Read in blocks: the k-th largest of the block maxima is a value at least k logits reach, so
     every top-k logit lies in one of the k blocks with the largest maxima. A full `topk` copies
     each row into (value, id) pairs before partially sorting it; this reads the row once and
-    sorts k blocks (3-5x less work for 49,152 or 128,256 tokens, the same result)."""
+    sorts k blocks (3-5x less work for 49,152 or 128,256 tokens, the same result). Ids are made
+    for the k winners alone, from their block and place in it."""
     n, vocab = x.shape
     whole = vocab - vocab % BLOCK
     if whole // BLOCK <= k:
         return x.topk(k, dim=-1)
     blocks = x[:, :whole].unflatten(1, (whole // BLOCK, BLOCK))
     best = blocks.amax(-1).topk(k, dim=-1).indices  # [n, k]
-    values = blocks.gather(1, best.unsqueeze(-1).expand(n, k, BLOCK)).flatten(1)
-    ids = (best.unsqueeze(-1) * BLOCK + torch.arange(BLOCK, device=x.device)).flatten(1)
-    if whole < vocab:  # the last, partial block is always a candidate
+    values = blocks[torch.arange(n, device=x.device)[:, None], best].flatten(1)  # [n, k * BLOCK]
+    if whole < vocab:  # the last, partial block is always a candidate: block k of `best`
         values = torch.cat([values, x[:, whole:]], dim=1)
-        tail = torch.arange(whole, vocab, device=x.device).expand(n, -1)
-        ids = torch.cat([ids, tail], dim=1)
+        best = torch.cat([best, best.new_full((n, 1), whole // BLOCK)], dim=1)
     chosen = values.topk(k, dim=-1)
-    return chosen.values, ids.gather(1, chosen.indices)
+    at = chosen.indices
+    return chosen.values, best.gather(1, at // BLOCK) * BLOCK + at % BLOCK
 
 
 class Reducer:
@@ -144,19 +146,19 @@ class Reducer:
         Works on the logits shifted by their row maximum (never a vocabulary-sized
         log_softmax): with w = exp(shifted), Z = sum(w), the entropy is
         log Z - sum(w * shifted) / Z, both terms small for a peaked distribution, so float32
-        keeps it exact to ~1e-6."""
+        keeps it exact to ~1e-6. The weights are 2 ** (shifted * log2 e): `exp2` takes half the
+        time of `exp` on a CPU, and the weights are most of a step's work."""
         shifted = self._loaded
         values, ids = top(shifted, self.k)  # before the shift: values are the logits
         peak = values[:, :1]
         shifted.sub_(peak)
-        # a token a processor masked to -inf has weight 0 and adds nothing (0 * -1e30 = 0)
-        shifted.clamp_(min=-1e30)
-        weights = torch.exp(
-            shifted, out=self._buffer("weights", len(shifted), shifted, torch.float32)
-        )
+        weights = torch.mul(
+            shifted, LOG2E, out=self._buffer("weights", len(shifted), shifted, torch.float32)
+        ).exp2_()
         total = weights.sum(-1, keepdim=True)
         log_total = total.log()
-        entropy = log_total - weights.mul_(shifted).sum(-1, keepdim=True) / total
+        # a token a processor masked to -inf has weight 0 and adds nothing: 0 * -inf is NaN
+        entropy = log_total - weights.mul_(shifted).nansum(-1, keepdim=True) / total
         head = torch.cat([entropy, values - peak - log_total, ids.float()], dim=-1)
         return StepStats(shifted, log_total, head)
 
