@@ -139,8 +139,8 @@ FACTS = (
 )
 
 
-def write_small_wiki_sources(root: Path, per_bin: int = 3) -> dict[str, Path]:
-    """Thirty short articles (one section each, three per decile), for a real small model."""
+def write_small_wiki_sources(root: Path, per_bin: int = 10) -> dict[str, Path]:
+    """Ten short articles per decile (one section each), for a real small model."""
     root.mkdir(parents=True, exist_ok=True)
     goodwiki = root / "goodwiki.jsonl"
     count = 10 * per_bin

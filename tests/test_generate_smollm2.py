@@ -1,9 +1,11 @@
 """`hallulens generate precise_wikiqa` with a real generator: the embedded SmolLM2 via llama.cpp.
 
-SmolLM2-135M rarely writes a question that passes upstream's answerability filter (about one
-candidate in ten on the short invented articles of generate_fixtures), so the run tries up to
-six articles in each of the two bins N=2 asks for; sampling is seeded, so on one machine the
-outcome is fixed. A second run with the same cache asks the model nothing.
+SmolLM2-135M rarely writes a question that passes upstream's answerability filter (one
+candidate in three to ten on the short invented articles of generate_fixtures), so the run may
+try ten articles in each of the two bins N=2 asks for. Sampling is seeded, so on one machine the
+outcome is fixed, but llama.cpp's arithmetic differs between CPUs (AVX2 or AVX-512 kernels): with
+three articles a bin, one machine found a question in both bins and another in neither. A second
+run with the same cache asks the model nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def test_smollm2_writes_a_valid_precise_wikiqa_set(tmp_path):
         for row in map(json.loads, sources["goodwiki"].read_text().splitlines())
     }
     out, cache = tmp_path / "out", tmp_path / "cache.sqlite"
-    args = ["generate", "precise_wikiqa", "--N", "2", "--seed", "0", "--max-candidates", "6"]
+    args = ["generate", "precise_wikiqa", "--N", "2", "--seed", "0", "--max-candidates", "10"]
     args += ["--generator", "gguf:smollm2", "--cache", str(cache), "--out", str(out)]
     args += source_args(sources)
     first = run_cli("hallulens", *args)
@@ -43,12 +45,12 @@ def test_smollm2_writes_a_valid_precise_wikiqa_set(tmp_path):
     assert sum(b["accepted"] for b in per_bin.values()) == len(rows) >= 1
     tried = sum(b["articles_tried"] for b in per_bin.values())
     assert sum(manifest["generation"]["rejected"].values()) == tried - len(rows)
-    numbers = {title(i): i for i in range(30)}
+    numbers = {title(i): i for i in range(100)}
     for row in rows:
         assert row["prompt"] == row["prompt"].strip() and row["prompt"]
         assert len(row["answer"].split()) <= 10 and "unanswerable" not in row["answer"].lower()
         assert row["reference"] == documents[row["title"]]  # short articles: one section
-        assert row["h_score_cat"] == numbers[row["title"]] // 3
+        assert row["h_score_cat"] == numbers[row["title"]] // 10
         assert per_bin[str(row["h_score_cat"])]["quota"] == 1
     # a question per article tried, an answer per question that passed its own filter
     calls = int(re.search(r"smollm2: (\d+) calls, 0 from the cache, \1 asked", first.stderr)[1])
