@@ -59,9 +59,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers (tests/conftest.py: the vLLM modules in one lane, every other module whole on one
+# worker): most tests leave a core idle (lm_eval indexing its tasks, model loading, HTTP).
 # pytest exits 5 when it collects no tests: say so instead of failing on an empty selection.
+TEST_WORKERS ?= 2
 test: lint
-	@$(PY) -m pytest tests; status=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 # For developers: every test but those marked slow (an engine start or a whole lm_eval run).

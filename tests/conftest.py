@@ -30,6 +30,44 @@ def report(name: str, text: str) -> None:
     FIGURES[name] = text
 
 
+# Test modules whose engines share the machine badly (vLLM reserves RAM, binds its threads to
+# cores and opens ports): under `pytest -n` (make test) they run one after another on one worker,
+# first, since together they are the longest lane; every other module runs whole on one worker
+# (its module-scoped fixtures are built once), beside them.
+SERIAL_LANE = ("test_vllm", "test_vllm_dp", "test_vllm_serve", "test_judge_vllm")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.stem not in SERIAL_LANE)  # stable: order kept within
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scope scheduling with one scope per module but one for the whole serial lane,
+    handed out in collection order (the lane first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "serial lane" if Path(path).stem in SERIAL_LANE else path
+
+    config.option.loadscopereorder = False
+    return Lanes(config, log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A worker of `pytest -n` hands its figures to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["figures"] = json.dumps(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    FIGURES.update(json.loads(getattr(node, "workeroutput", {}).get("figures", "{}")))
+
+
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("measured figures")
