@@ -137,14 +137,14 @@ class TapObserver:
 
         if self._reduction is None:
             self._reduction = token_stats.Reduction(self._topk, threaded=True)
-        self._reduction.load(torch.from_numpy(logits))  # llama.cpp's buffer: copied now
+        self._reduction.load(logits)  # llama.cpp's buffer: copied now
         targets = [self._stats[seq] for seq in seqs]
 
         def done(rows: torch.Tensor) -> None:
             for target, row in zip(targets, rows.numpy(), strict=True):
                 target.append(row)
 
-        self._reduction.reduce(torch.tensor(tokens), done)
+        self._reduction.reduce(tokens, done)
 
     def finished(
         self, seq: int, context: str, prompt: list[int], generated: list[int], text: str

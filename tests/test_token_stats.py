@@ -102,11 +102,14 @@ def test_one_reducer_over_steps_of_changing_size_and_dtype() -> None:
         assert all(len(set(row.tolist())) == K for row in ids)
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["torch", "numpy"])
 @pytest.mark.parametrize("threaded", [True, False])
-def test_reduction_hands_every_step_over_in_order(threaded: bool) -> None:
-    """Steps loaded then reduced (off the calling thread when threaded) arrive in order, each
-    equal to the reference of its own logits, although the engine reuses its logits buffer as
-    soon as `load` returns; a failure in a step surfaces at `wait`."""
+def test_reduction_hands_every_step_over_in_order(threaded: bool, host: bool) -> None:
+    """Steps loaded then reduced (off the calling thread when threaded, in blocks of steps
+    whose buffer grows as they are loaded) arrive in order, each equal to the reference of its
+    own logits, although the engine reuses its logits buffer as soon as `load` returns; a
+    failure in a step surfaces at `wait`. `host`: numpy rows and a list of ids, as llama.cpp
+    hands them over."""
     reduction = token_stats.Reduction(K, threaded=threaded)
     engine_buffer = torch.empty(9, 4096)
     got: list[torch.Tensor] = []
@@ -117,9 +120,12 @@ def test_reduction_hands_every_step_over_in_order(threaded: bool) -> None:
         index = torch.arange(n)
         chosen = torch.arange(n) * 3 + step
         wants.append(reference(engine_buffer[:n].clone(), chosen, K))
-        reduction.load(engine_buffer, index)
+        if host:
+            reduction.load(engine_buffer.numpy()[:n])
+        else:
+            reduction.load(engine_buffer, index)
         engine_buffer.fill_(float("nan"))  # the engine's next step overwrites it
-        reduction.reduce(chosen, got.append)
+        reduction.reduce(chosen.tolist() if host else chosen, got.append)
     reduction.wait()
     assert len(got) == len(wants)
     for rows, want in zip(got, wants, strict=True):
