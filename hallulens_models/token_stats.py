@@ -104,8 +104,7 @@ class Reducer:
     def __init__(self, k: int) -> None:
         self.k = k
         self._buffers: dict[str, torch.Tensor] = {}
-        self._host: np.ndarray | None = None  # the host buffer of loaded rows, seen by numpy
-        self._rows = 0  # rows loaded: the first rows of the "shifted" buffer, float32
+        self._host: np.ndarray | None = None  # the "shifted" buffer, seen by numpy
 
     def _buffer(
         self, name: str, rows: int, like: torch.Tensor, dtype: torch.dtype, keep: int = 0
@@ -140,7 +139,6 @@ class Reducer:
             self._buffer("shifted", at + rows, torch.empty(0, vocab), torch.float32, keep=at)
             host = self._host
         host[at : at + rows] = logits
-        self._rows = at + rows
 
     @on_calling_thread
     def load(self, logits: torch.Tensor, index: torch.Tensor | None = None, at: int = 0) -> None:
@@ -159,18 +157,18 @@ class Reducer:
         else:  # lower precision: pick, then widen
             picked = self._buffer("picked", rows, logits, logits.dtype)
             loaded.copy_(torch.index_select(logits, 0, index, out=picked))
-        self._rows = at + rows
 
     @on_calling_thread
-    def reduce(self) -> StepStats:
-        """The loaded rows' statistics.
+    def reduce(self, n: int) -> StepStats:
+        """The statistics of the first `n` loaded rows (a step loaded but never reduced, as
+        when sampling fails, is left out).
 
         Works on the logits shifted by their row maximum (never a vocabulary-sized
         log_softmax): with w = exp(shifted), Z = sum(w), the entropy is
         log Z - sum(w * shifted) / Z, both terms small for a peaked distribution, so float32
         keeps it exact to ~1e-6. The weights are 2 ** (shifted * log2 e): `exp2` takes half the
         time of `exp` on a CPU, and the weights are most of a step's work."""
-        shifted = self._buffers["shifted"][: self._rows]
+        shifted = self._buffers["shifted"][:n]
         values, ids = top(shifted, self.k)  # before the shift: values are the logits
         peak = values[:, :1]
         shifted.sub_(peak)
@@ -278,7 +276,8 @@ def _statistics(reducer: Reducer, block: list[Step]) -> None:
     made in inference mode (vLLM's) can only be changed in place there, and grad mode is a
     per-thread setting."""
     chosen = [torch.as_tensor(c) for c, _ in block]
-    out = rows(reducer.reduce(), chosen[0] if len(chosen) == 1 else torch.cat(chosen))
+    ids = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
+    out = rows(reducer.reduce(len(ids)), ids)
     start = 0
     for c, done in block:
         done(out[start : start + len(c)])

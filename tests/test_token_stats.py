@@ -107,9 +107,9 @@ def test_one_reducer_over_steps_of_changing_size_and_dtype() -> None:
 def test_reduction_hands_every_step_over_in_order(threaded: bool, host: bool) -> None:
     """Steps loaded then reduced (off the calling thread when threaded, in blocks of steps
     whose buffer grows as they are loaded) arrive in order, each equal to the reference of its
-    own logits, although the engine reuses its logits buffer as soon as `load` returns; a
-    failure in a step surfaces at `wait`. `host`: numpy rows and a list of ids, as llama.cpp
-    hands them over."""
+    own logits, although the engine reuses its logits buffer as soon as `load` returns; a step
+    loaded but never reduced is left out, and a failure in a step surfaces at `wait`. `host`:
+    numpy rows and a list of ids, as llama.cpp hands them over."""
     reduction = token_stats.Reduction(K, threaded=threaded)
     engine_buffer = torch.empty(9, 4096)
     got: list[torch.Tensor] = []
@@ -126,6 +126,8 @@ def test_reduction_hands_every_step_over_in_order(threaded: bool, host: bool) ->
             reduction.load(engine_buffer, index)
         engine_buffer.fill_(float("nan"))  # the engine's next step overwrites it
         reduction.reduce(chosen.tolist() if host else chosen, got.append)
+    # a step loaded whose sampling then failed: never reduced, it is left out of its block
+    reduction.load(engine_buffer.numpy()[:3] if host else engine_buffer[:3])
     reduction.wait()
     assert len(got) == len(wants)
     for rows, want in zip(got, wants, strict=True):
