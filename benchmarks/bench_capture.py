@@ -2,8 +2,9 @@
 
 SmolLM2 (float32 weights on CPU), greedy, generation forced to exactly N new tokens
 (`min_new_tokens`), all 31 layers or a 4-layer subset, float16 storage, generated tokens.
-The two backends run alternately; every capture run writes into a fresh store (an existing
-record would be resumed, not generated).
+The two backends run in pairs, back to back, alternating which goes first; the ratio is the
+median of the pairs' ratios with its 95 % interval (`common.Pairs`). Every capture run writes
+into a fresh store (an existing record would be resumed, not generated).
 
 Hand-over (`handover`): the host side of a finished batch alone, at a size where it shows: the
 rows of B answers, each step of them in a block [33 layers, B, 1, 4096] float16 as the HF step
@@ -21,6 +22,7 @@ memory until that sync).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import os
@@ -33,7 +35,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from common import huge_pages_enabled, run_case, run_with_huge_pages, save, side_by_side, table
+from common import huge_pages_enabled, paired, run_case, run_with_huge_pages, save, span, table
 from lm_eval.api.instance import Instance
 
 from hallulens_capture import store as store_module
@@ -77,7 +79,7 @@ def backend(batch: int, **capture) -> HalluLensHFLM:
     )
 
 
-def run(batches=(1, 4, 16), lengths=(16, 64), repeats=5) -> dict[str, object]:
+def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9) -> dict[str, object]:
     rows = []
     tags = iter(range(10**9))  # fresh prompts every run: a stored prompt would be resumed
 
@@ -91,7 +93,7 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=5) -> dict[str, object]:
                 store = f"{tmp}/{batch}-{layers}"
                 capturing = backend(batch, activations=store, capture_layers=layers)
                 for n in lengths:
-                    t_with, t_without = side_by_side(
+                    pairs = paired(
                         partial(generate, capturing, batch, n),
                         partial(generate, plain, batch, n),
                         repeats,
@@ -101,9 +103,10 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=5) -> dict[str, object]:
                             "layers": layers,
                             "batch": batch,
                             "new_tokens": n,
-                            "without_s": t_without,
-                            "with_s": t_with,
-                            "ratio": t_with / t_without,
+                            "without_s": statistics.median(pairs.b),
+                            "with_s": statistics.median(pairs.a),
+                            "ratio": pairs.ratio,
+                            "interval": pairs.interval(),
                         }
                     )
                 del capturing
@@ -223,21 +226,44 @@ def handover(
     }
 
 
+def options() -> argparse.Namespace:
+    """This benchmark's own options (`make bench` passes every benchmark the same arguments)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,4,16)")
+    parser.add_argument("--repeats", type=int, help="pairs of calls (default 9, 2 with --quick)")
+    parser.add_argument(
+        "--capture-only", action="store_true", help="the capture table alone, no hand-over"
+    )
+    return parser.parse_known_args()[0]
+
+
 if __name__ == "__main__":
     if run_case({"handover": handover}):
         sys.exit()
-    quick = "--quick" in sys.argv
-    result = run(batches=(1, 4) if quick else (1, 4, 16), lengths=(16,) if quick else (16, 64))
+    args = options()
+    quick = args.quick
+    result = run(
+        batches=[int(b) for b in args.batches.split(",")] if args.batches else (1, 4, 16),
+        lengths=(16,) if quick else (16, 64),
+        repeats=args.repeats or (2 if quick else 9),
+    )
     print(
         table(
             "HF capture overhead (SmolLM2, CPU): wall with ÷ without capture",
-            ["layers", "batch", "new tokens", "without s", "with s", "ratio"],
+            ["layers", "batch", "new tokens", "without s", "with s", "ratio", "95 % interval"],
             [
-                [r["layers"], r["batch"], r["new_tokens"], r["without_s"], r["with_s"], r["ratio"]]
+                [
+                    *[r["layers"], r["batch"], r["new_tokens"], r["without_s"], r["with_s"]],
+                    *[r["ratio"], span(r["interval"])],
+                ]
                 for r in result["rows"]
             ],
         )
     )
+    if args.capture_only:
+        print("wrote", save("capture_hf", result))
+        sys.exit()
     repeats = 3 if quick else 5
     result["handover"] = [handover(repeats=repeats, writers=n) for n in (1, 2)]
     result["handover"] += [

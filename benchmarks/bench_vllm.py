@@ -5,7 +5,9 @@ computes in it, float32 elsewhere: `common.vllm_dtype`), 16 prompts per call,
 all sent at once (batch_size 16). Two workloads: prompt-only (long prompts, one new token,
 `capture_tokens=prompt`) and prompt+generated (64 new tokens, `capture_tokens=all`); all 31
 layers or 4 of them, float16. The with-capture time includes collecting rows from the worker
-and writing the records. Runs alternate; every run uses fresh prompts (the store resumes).
+and writing the records. Runs go in pairs, back to back, alternating which goes first; every run
+uses fresh prompts (the store resumes). Ratios are medians of the pairs' ratios (`common.Pairs`),
+the all-layer ones with their 95 % interval.
 
 "disk ÷" is what writing alone costs on this machine: the call without capture followed by
 appending the bytes one captured call added to the store to a plain file (and syncing it) ÷ the
@@ -20,8 +22,9 @@ gather and writes, `collect`, mapping and encoding. Hand-over files reused from 
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import statistics
 import tempfile
 import time
 import types
@@ -30,7 +33,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 import torch
-from common import save, side_by_side, table, vllm_dtype
+from common import paired, save, side_by_side, span, table, vllm_dtype
 from lm_eval.api.instance import Instance
 
 from hallulens_capture.record import encode_record
@@ -83,8 +86,7 @@ def disk_share(plain_call, size: int, path: str, repeats: int) -> float:
             raw.flush()
             os.fdatasync(raw.fileno())
 
-        floor_s, plain_s = side_by_side(call_and_write, plain_call, repeats)
-    return floor_s / plain_s
+        return paired(call_and_write, plain_call, repeats).ratio
 
 
 class HandOver:
@@ -173,11 +175,10 @@ def run(repeats: int) -> dict[str, object]:
                 def call_captured(c=captured, calls=captured_calls):
                     calls.append(call(c, "c"))
 
-                with_s, without_s = side_by_side(call_captured, lambda: call(plain, "p"), repeats)
-                row[f"without_{label}_s"], row[f"capture_{label}_ratio"] = (
-                    without_s,
-                    with_s / without_s,
-                )
+                pairs = paired(call_captured, lambda: call(plain, "p"), repeats)
+                row[f"without_{label}_s"] = statistics.median(pairs.b)
+                row[f"capture_{label}_ratio"] = pairs.ratio
+                row[f"capture_{label}_interval"] = pairs.interval()
                 data = os.path.join(tmp, f"{name}-{label}.lmdb", "data.mdb")
                 size = os.path.getsize(data) // len(captured_calls)
                 ratio = disk_share(
@@ -189,20 +190,37 @@ def run(repeats: int) -> dict[str, object]:
     return {"engine": ENGINE, "rows": rows, "handover": handed}
 
 
+def options() -> argparse.Namespace:
+    """This benchmark's own options (`make bench` passes every benchmark the same arguments)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, help="pairs of calls (default 9, 2 with --quick)")
+    return parser.parse_known_args()[0]
+
+
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv
+    args = options()
     start = time.perf_counter()
-    result = run(repeats=2 if quick else 5)
+    result = run(repeats=args.repeats or (2 if args.quick else 9))
     print(
         table(
             f"vLLM (SmolLM2 in {ENGINE['dtype']}, vllm-cpu, eager): wall with ÷ without capture "
             "(float16, 16 prompts)",
-            ["workload", "without s", "capture all ÷", "disk all ÷", "capture 4 ÷", "disk 4 ÷"],
+            [
+                "workload",
+                "without s",
+                "capture all ÷",
+                "95 % interval",
+                "disk all ÷",
+                "capture 4 ÷",
+                "disk 4 ÷",
+            ],
             [
                 [
                     r["workload"],
                     r["without_all_s"],
                     r["capture_all_ratio"],
+                    span(r["capture_all_interval"]),
                     r["disk_all_ratio"],
                     r["capture_4_ratio"],
                     r["disk_4_ratio"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hallulens_capture import hugepages
@@ -62,20 +64,67 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def side_by_side(
+@dataclass(frozen=True)
+class Pairs:
+    """Seconds of two things timed in adjacent pairs. The ratio of each pair is taken before the
+    median: this machine's speed drifts from minute to minute far more than within one pair, so
+    per-pair ratios are steadier than the ratio of two medians."""
+
+    a: list[float]
+    b: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [x / y for x, y in zip(self.a, self.b, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float] | None:
+        """Distribution-free interval for the median ratio (the sign test's order statistics:
+        the k-th smallest and k-th largest ratio, k the largest with P(Bin(n, 1/2) < k) <=
+        (1 - confidence) / 2); None when there are too few pairs (fewer than 6 at 95 %)."""
+        n, tail, k = len(self.ratios), 0.0, 0
+        while k < n and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+            tail += math.comb(n, k) / 2**n
+            k += 1
+        if k == 0:
+            return None
+        ordered = sorted(self.ratios)
+        return ordered[k - 1], ordered[n - k]
+
+
+def span(interval: tuple[float, float] | None) -> str:
+    """An interval of `Pairs.interval` as a table cell."""
+    return "–" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
+def paired(
     a: Callable[[], object], b: Callable[[], object], repeats: int, warm: bool = False
-) -> tuple[float, float]:
-    """Median seconds of a and b, run alternately so that machine noise hits both alike;
-    `warm` runs each once untimed first (lazy initialisation, first-call compilation)."""
+) -> Pairs:
+    """`repeats` pairs of a and b, run back to back in alternating order so that machine noise
+    hits both alike; `warm` runs each once untimed first (lazy initialisation, first-call
+    compilation)."""
     if warm:
         a(), b()
     ta, tb = [], []
     for i in range(repeats):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        t1, t2 = timed(first), timed(second)
-        (ta if first is a else tb).append(t1)
-        (tb if first is a else ta).append(t2)
-    return statistics.median(ta), statistics.median(tb)
+        if i % 2 == 0:
+            ta.append(timed(a))
+            tb.append(timed(b))
+        else:
+            tb.append(timed(b))
+            ta.append(timed(a))
+    return Pairs(ta, tb)
+
+
+def side_by_side(
+    a: Callable[[], object], b: Callable[[], object], repeats: int, warm: bool = False
+) -> tuple[float, float]:
+    """Median seconds of a and b over `paired` runs."""
+    pairs = paired(a, b, repeats, warm)
+    return statistics.median(pairs.a), statistics.median(pairs.b)
 
 
 def table(title: str, header: list[str], rows: list[list[object]]) -> str:
