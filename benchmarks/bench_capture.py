@@ -107,6 +107,7 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9) -> dict[str, object]:
                             "with_s": statistics.median(pairs.a),
                             "ratio": pairs.ratio,
                             "interval": pairs.interval(),
+                            "pair_ratios": pairs.ratios,
                         }
                     )
                 del capturing

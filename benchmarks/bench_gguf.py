@@ -2,8 +2,9 @@
 llama-cpp-python's own high-level API doing the same greedy generation.
 
 SmolLM2 Q4_1 GGUF on CPU, one sequence at a time, the same four prompts, `max_gen_toks` N, no
-stop strings; capture of the generated tokens, float16, all 31 layers or 4 of them. Runs
-alternate; every capture run writes into a fresh store.
+stop strings; capture of the generated tokens, float16, all 31 layers or 4 of them. Runs go in
+pairs, back to back, alternating which goes first; ratios are medians of the pairs' ratios
+(`common.Pairs`). Every capture run writes into a fresh store.
 
 Both sides of the tokens/s comparison get the same prompts in the same order (the i-th call of
 each uses tag i), so greedy decoding gives both the same tokens and the same stopping points, and
@@ -14,11 +15,12 @@ after different lengths, and the fixed per-prompt cost weighed differently on to
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
 
-from common import save, side_by_side, table
+from common import Pairs, paired, save, span, table
 from llama_cpp import Llama
 from lm_eval.api.instance import Instance
 
@@ -54,7 +56,7 @@ def high_level(llm: Llama, new_tokens: int, tag: str) -> int:
     return total
 
 
-def run(lengths=(32, 128), repeats=3) -> dict[str, object]:
+def run(lengths=(32, 128), repeats=9) -> dict[str, object]:
     plain = HalluLensGGUFLM(pretrained="smollm2", n_ctx=1024)
     llm = Llama(model_path=str(smollm2_gguf()), n_ctx=1024, verbose=False)
     tags = iter(range(10**9))
@@ -71,12 +73,15 @@ def run(lengths=(32, 128), repeats=3) -> dict[str, object]:
             def theirs(n=n, tags=their_tags):
                 counted["theirs"] = high_level(llm, n, f"p{next(tags)}")
 
-            t_ours, t_theirs = side_by_side(mine, theirs, repeats)
+            pairs = paired(mine, theirs, repeats)
             assert counted["ours"] == counted["theirs"], counted  # the same tokens on both sides
+            speed = Pairs(pairs.b, pairs.a)  # their seconds ÷ ours: our tokens/s ÷ theirs
             row = {
                 "new_tokens": n,
-                "ours_tok_s": counted["ours"] / t_ours,
-                "llama_cpp_tok_s": counted["theirs"] / t_theirs,
+                "ours_tok_s": counted["ours"] / statistics.median(pairs.a),
+                "llama_cpp_tok_s": counted["theirs"] / statistics.median(pairs.b),
+                "speed_ratio": speed.ratio,
+                "speed_interval": speed.interval(),
             }
             for label, layers in (("all", None), ("4 layers", [0, 10, 20, 30])):
                 captured = HalluLensGGUFLM(
@@ -85,12 +90,11 @@ def run(lengths=(32, 128), repeats=3) -> dict[str, object]:
                     activations=f"{tmp}/{label}-{n}.lmdb",
                     capture_layers=layers,
                 )
-                with_s, without_s = side_by_side(
+                row[f"capture_{label}_ratio"] = paired(
                     lambda c=captured, n=n: ours(c, n, f"c{next(tags)}"),
                     lambda n=n: ours(plain, n, f"c{next(tags)}"),
                     repeats,
-                )
-                row[f"capture_{label}_ratio"] = with_s / without_s
+                ).ratio
             rows.append(row)
     return {"rows": rows}
 
@@ -98,17 +102,22 @@ def run(lengths=(32, 128), repeats=3) -> dict[str, object]:
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     start = time.perf_counter()
-    result = run(lengths=(32,) if quick else (32, 128), repeats=2 if quick else 3)
+    result = run(lengths=(32,) if quick else (32, 128), repeats=2 if quick else 9)
     print(
         table(
             "llama.cpp (SmolLM2 Q4_1, CPU): tokens/s ours vs llama-cpp-python's API; "
             "capture with ÷ without (generated tokens, float16)",
-            ["new tokens", "ours tok/s", "llama-cpp tok/s", "capture all ÷", "capture 4 ÷"],
+            [
+                *["new tokens", "ours tok/s", "llama-cpp tok/s", "ours ÷ theirs", "95 % interval"],
+                *["capture all ÷", "capture 4 ÷"],
+            ],
             [
                 [
                     r["new_tokens"],
                     r["ours_tok_s"],
                     r["llama_cpp_tok_s"],
+                    r["speed_ratio"],
+                    span(r["speed_interval"]),
                     r["capture_all_ratio"],
                     r["capture_4 layers_ratio"],
                 ]

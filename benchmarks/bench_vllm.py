@@ -179,6 +179,7 @@ def run(repeats: int) -> dict[str, object]:
                 row[f"without_{label}_s"] = statistics.median(pairs.b)
                 row[f"capture_{label}_ratio"] = pairs.ratio
                 row[f"capture_{label}_interval"] = pairs.interval()
+                row[f"capture_{label}_pair_ratios"] = pairs.ratios  # to pool runs
                 data = os.path.join(tmp, f"{name}-{label}.lmdb", "data.mdb")
                 size = os.path.getsize(data) // len(captured_calls)
                 ratio = disk_share(
