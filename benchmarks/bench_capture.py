@@ -231,7 +231,9 @@ def options() -> argparse.Namespace:
     """This benchmark's own options (`make bench` passes every benchmark the same arguments)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,4,16)")
+    parser.add_argument(
+        "--batches", help="comma-separated batch sizes (default 1,4,16; 1,4 with --quick)"
+    )
     parser.add_argument("--repeats", type=int, help="pairs of calls (default 9, 2 with --quick)")
     parser.add_argument(
         "--capture-only", action="store_true", help="the capture table alone, no hand-over"
@@ -244,8 +246,9 @@ if __name__ == "__main__":
         sys.exit()
     args = options()
     quick = args.quick
+    default_batches = (1, 4) if quick else (1, 4, 16)
     result = run(
-        batches=[int(b) for b in args.batches.split(",")] if args.batches else (1, 4, 16),
+        batches=[int(b) for b in args.batches.split(",")] if args.batches else default_batches,
         lengths=(16,) if quick else (16, 64),
         repeats=args.repeats or (2 if quick else 9),
     )
