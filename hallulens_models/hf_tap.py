@@ -167,10 +167,12 @@ class Recording(StepLog):
         self._dtype = tap.dtype
         self._prefill_rows = prefill_rows
         self._keep_decode = keep_decode
-        # HF's model already keeps every core busy on the CPU: reduced inline
-        self._reduction = token_stats.Reduction(topk, threaded=False)
+        # on the CPU, HF's model keeps every core busy while it runs: reduced on its thread,
+        # with its threads, between two steps
+        self._reduction = token_stats.Reduction(topk, threaded=False, engine_threads=True)
         self._on_tokens = on_tokens
         self._block: torch.Tensor | None = None  # this step's layers: host, or device on CUDA
+        self._layer_views: tuple[torch.Tensor, ...] = ()  # the block per layer
         self._pending = False  # last step's logits are loaded, awaiting its tokens
 
     def grab(self, lid: int, hidden: torch.Tensor) -> None:
@@ -182,7 +184,10 @@ class Recording(StepLog):
                 self._block = torch.empty(
                     (len(self._slots), *hidden.shape), dtype=self._dtype, device=hidden.device
                 )
-            self._block[self._slots[lid]].copy_(hidden.detach())
+                self._layer_views = self._block.unbind(0)
+            # one copy per layer into a view made once per step: an index and a detach per
+            # layer cost more than the copy (generate runs without grad)
+            self._layer_views[self._slots[lid]].copy_(hidden)
         if lid == self._last:
             self.lengths.append(length)
             if self._block is not None:
@@ -200,6 +205,10 @@ class Recording(StepLog):
         self._reduction.load(logits[:, -1])
         self._pending = True
 
+    def row_stats(self, row: int, n_tokens: int) -> np.ndarray:
+        self._reduction.wait()  # steps still gathered for one reduction
+        return super().row_stats(row, n_tokens)
+
     def close(self, last_tokens: torch.Tensor) -> None:
         """The tokens the last step chose (generate never feeds them back)."""
         self._chosen(last_tokens)
@@ -210,7 +219,8 @@ class Recording(StepLog):
 
     def _chosen(self, tokens: torch.Tensor) -> None:
         if self._pending:
-            self._reduction.reduce(tokens, lambda rows: self.stats.append(_to_host(rows)))
+            # the ids wait for the block's reduction: a copy, whatever generate does with its own
+            self._reduction.reduce(tokens.clone(), lambda rows: self.stats.append(_to_host(rows)))
             self._pending = False
         self._on_tokens(tokens)
 

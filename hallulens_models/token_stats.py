@@ -36,22 +36,24 @@ LOG2E = 1 / math.log(2)
 R = TypeVar("R")
 
 
-def on_calling_thread(reduce: Callable[..., R]) -> Callable[..., R]:
-    """Run a reduction of CPU tensors on the calling thread alone. A few megabytes of logits
-    gain nothing from torch's thread pool, and each parallel op waits for a pool thread to get
-    a core: beside llama.cpp's threads or a busy writer on two cores, 50 ms a step instead of
-    4 (measured: 16 rows x 49152, and 0.1 ms instead of 55 for one row). The engine's own
-    thread setting is restored at once; with a CUDA tensor argument nothing changes."""
+def on_calling_thread(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a Reducer's work on CPU tensors on the calling thread alone, unless the reducer
+    shares the engine's threads (`Reducer.engine_threads`). A few megabytes of logits gain
+    little from torch's thread pool when it is not the engine's, and each parallel op waits
+    for a pool thread to get a core: beside llama.cpp's threads or a busy writer on two cores,
+    50 ms a step instead of 4 (measured: 16 rows x 49152, and 0.1 ms instead of 55 for one
+    row). The engine's own thread setting is restored at once; with a CUDA tensor argument
+    nothing changes."""
 
-    @functools.wraps(reduce)
-    def wrapped(*args):
+    @functools.wraps(method)
+    def wrapped(self: Reducer, *args):
         threads = torch.get_num_threads()
         cuda = any(a.is_cuda for a in args if isinstance(a, torch.Tensor))
-        if cuda or threads == 1:
-            return reduce(*args)
+        if self.engine_threads or cuda or threads == 1:
+            return method(self, *args)
         torch.set_num_threads(1)
         try:
-            return reduce(*args)
+            return method(self, *args)
         finally:
             torch.set_num_threads(threads)
 
@@ -99,10 +101,15 @@ class Reducer:
     A fresh vocabulary-sized tensor per step is not free: under vLLM's CPU build (which preloads
     tcmalloc) each one pays its page faults again, 4.7 ms a step instead of 1.6 for 16 rows x
     49,152 logits. The StepStats a Reducer returns lives in its buffers: it is valid until the
-    next `load` (every engine finishes a step's rows before it loads the next step)."""
+    next `load` (every engine finishes a step's rows before it loads the next step).
 
-    def __init__(self, k: int) -> None:
+    `engine_threads`: reduce with the calling thread's torch thread pool (`on_calling_thread`):
+    HF on a CPU, whose model's pool waits while its thread runs the hooks between two steps
+    (16 rows x 49,152 logits: 0.84 ms a step on two threads, 1.5 ms on one)."""
+
+    def __init__(self, k: int, engine_threads: bool = False) -> None:
         self.k = k
+        self.engine_threads = engine_threads
         self._buffers: dict[str, torch.Tensor] = {}
         self._host: np.ndarray | None = None  # the "shifted" buffer, seen by numpy
 
@@ -182,6 +189,13 @@ class Reducer:
         head = torch.cat([entropy, values - peak - log_total, ids.float()], dim=-1)
         return StepStats(shifted, log_total, head)
 
+    @on_calling_thread
+    def rows(self, stats: StepStats, chosen: torch.Tensor) -> torch.Tensor:
+        """[n, 2 + 2k] float32: the chosen tokens' logprobs (`chosen` [n] token ids) before the
+        head."""
+        picked = stats.shifted.gather(-1, chosen.reshape(-1, 1).long()) - stats.log_total
+        return torch.cat([picked, stats.head], dim=-1)
+
 
 def _check_vocab(vocab: int) -> None:
     if vocab > EXACT_IDS:
@@ -220,11 +234,16 @@ class Reduction:
     before is reduced, and the first `load` into a reducer waits only while its previous block
     is still being reduced. `done` runs on the helper thread, in step order; `wait` hands over
     the partly filled block, returns once every step is done and raises the first failure.
-    Without `threaded` (CUDA: the reduction is kernels queued on the device) every step is
-    reduced at once."""
+    Without `threaded` (CUDA, where the reduction is kernels queued on the device, and HF on a
+    CPU, whose model keeps every core busy) a full block is reduced on the calling thread, with
+    its torch threads if `engine_threads` (`Reducer`): a reduction's ~20 torch calls then come
+    once per COALESCE rows, not once per step (HF, batch of 4 on two cores: the statistics took
+    0.94 ms of each step on the model's thread reduced step by step, 0.56 ms in blocks)."""
 
-    def __init__(self, k: int, threaded: bool) -> None:
-        self._reducers = (Reducer(k), Reducer(k)) if threaded else (Reducer(k),)
+    def __init__(self, k: int, threaded: bool, engine_threads: bool = False) -> None:
+        self._reducers = (
+            (Reducer(k), Reducer(k)) if threaded else (Reducer(k, engine_threads=engine_threads),)
+        )
         self._futures: list[Future | None] = [None] * len(self._reducers)
         self._turn = 0
         self._block: list[Step] = []
@@ -250,7 +269,7 @@ class Reduction:
         """The loaded step's rows for the `chosen` [n] token ids, handed to `done`."""
         self._block.append((chosen, done))
         self._rows += len(chosen)
-        if self._pool is None or self._rows >= COALESCE:
+        if self._rows >= COALESCE:
             self._hand_over()
 
     def _hand_over(self) -> None:
@@ -277,15 +296,8 @@ def _statistics(reducer: Reducer, block: list[Step]) -> None:
     per-thread setting."""
     chosen = [torch.as_tensor(c) for c, _ in block]
     ids = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
-    out = rows(reducer.reduce(len(ids)), ids)
+    out = reducer.rows(reducer.reduce(len(ids)), ids)
     start = 0
     for c, done in block:
         done(out[start : start + len(c)])
         start += len(c)
-
-
-@on_calling_thread
-def rows(stats: StepStats, chosen: torch.Tensor) -> torch.Tensor:
-    """[n, 2 + 2k] float32: the chosen tokens' logprobs (`chosen` [n] token ids) before the head."""
-    picked = stats.shifted.gather(-1, chosen.reshape(-1, 1).long()) - stats.log_total
-    return torch.cat([picked, stats.head], dim=-1)

@@ -31,11 +31,13 @@ def reduced(
     index: torch.Tensor | None = None,
     reduction: token_stats.Reduction | None = None,
 ) -> torch.Tensor:
-    """One step through an inline Reduction, as HF and vLLM on CUDA use it."""
+    """One step through a Reduction on the calling thread, as HF and vLLM on CUDA use it."""
     reduction = reduction or token_stats.Reduction(K, threaded=False)
     reduction.load(x, index)
     got: list[torch.Tensor] = []
     reduction.reduce(chosen, got.append)
+    reduction.wait()  # a step of fewer than COALESCE rows waits for more
+    assert len(got) == 1
     return got[0].double()
 
 
@@ -77,6 +79,7 @@ def test_picked_rows_and_a_changed_input_leave_the_statistics_alone() -> None:
     want = reference(logits_rows(4, 4096, 1.5, seed=7)[index], chosen, K)
     handed: list[torch.Tensor] = []
     reduction.reduce(chosen, handed.append)
+    reduction.wait()
     got = handed[0].double()
     assert (got[:, : 2 + K] - want[:, : 2 + K]).abs().max() < 2e-5
     assert torch.equal(got[:, 2 + K :], want[:, 2 + K :])
@@ -103,14 +106,17 @@ def test_one_reducer_over_steps_of_changing_size_and_dtype() -> None:
 
 
 @pytest.mark.parametrize("host", [False, True], ids=["torch", "numpy"])
-@pytest.mark.parametrize("threaded", [True, False])
-def test_reduction_hands_every_step_over_in_order(threaded: bool, host: bool) -> None:
-    """Steps loaded then reduced (off the calling thread when threaded, in blocks of steps
-    whose buffer grows as they are loaded) arrive in order, each equal to the reference of its
-    own logits, although the engine reuses its logits buffer as soon as `load` returns; a step
-    loaded but never reduced is left out, and a failure in a step surfaces at `wait`. `host`:
-    numpy rows and a list of ids, as llama.cpp hands them over."""
-    reduction = token_stats.Reduction(K, threaded=threaded)
+@pytest.mark.parametrize("mode", ["helper thread", "calling thread", "engine threads"])
+def test_reduction_hands_every_step_over_in_order(mode: str, host: bool) -> None:
+    """Steps loaded then reduced (in blocks of steps whose buffer grows as they are loaded; off
+    the calling thread, on it alone, or on it with its torch threads) arrive in order, each
+    equal to the reference of its own logits, although the engine reuses its logits buffer as
+    soon as `load` returns; a step loaded but never reduced is left out, and a failure in a
+    step surfaces at `wait`. `host`: numpy rows and a list of ids, as llama.cpp hands them
+    over."""
+    reduction = token_stats.Reduction(
+        K, threaded=mode == "helper thread", engine_threads=mode == "engine threads"
+    )
     engine_buffer = torch.empty(9, 4096)
     got: list[torch.Tensor] = []
     wants = []
