@@ -2,9 +2,10 @@
 
 SmolLM2 (float32 weights on CPU), greedy, generation forced to exactly N new tokens
 (`min_new_tokens`), all 31 layers or a 4-layer subset, float16 storage, generated tokens.
-The two backends run in pairs, back to back, alternating which goes first; the ratio is the
-median of the pairs' ratios with its 95 % interval (`common.Pairs`). Every capture run writes
-into a fresh store (an existing record would be resumed, not generated).
+The two backends share one model and run in pairs, back to back, alternating which goes
+first; the ratio is the median of the pairs' ratios with its 95 % interval (`common.Pairs`).
+Every capture run writes into a fresh store (an existing record would be resumed, not
+generated).
 
 Hand-over (`handover`): the host side of a finished batch alone, at a size where it shows: the
 rows of B answers, each step of them in a block [33 layers, B, 1, 4096] float16 as the HF step
@@ -73,9 +74,17 @@ def requests(batch: int, new_tokens: int, tag: str) -> list[Instance]:
     ]
 
 
-def backend(batch: int, **capture) -> HalluLensHFLM:
+def backend(batch: int, shared: HalluLensHFLM | None = None, **capture) -> HalluLensHFLM:
+    """SmolLM2 on the CPU; with `shared`, a backend over that one's model and tokenizer. Sides
+    compared share one model: two loads of the same weights differ in speed by themselves (two
+    plain backends, paired: 1.016-1.031 over three runs of 9 pairs, the first loaded slower;
+    one model under both: 1.001-1.006)."""
+    if shared is None:
+        return HalluLensHFLM(
+            pretrained="smollm2", device="cpu", dtype="float32", batch_size=batch, **capture
+        )
     return HalluLensHFLM(
-        pretrained="smollm2", device="cpu", dtype="float32", batch_size=batch, **capture
+        pretrained=shared.model, tokenizer=shared.tokenizer, batch_size=batch, **capture
     )
 
 
@@ -91,7 +100,7 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9) -> dict[str, object]:
             plain = backend(batch)
             for layers in ("all", "0,10,20,30"):
                 store = f"{tmp}/{batch}-{layers}"
-                capturing = backend(batch, activations=store, capture_layers=layers)
+                capturing = backend(batch, plain, activations=store, capture_layers=layers)
                 for n in lengths:
                     pairs = paired(
                         partial(generate, capturing, batch, n),

@@ -33,9 +33,12 @@ TOPK = 20
 def hf(tmp: str, tags, batches, new_tokens: int, repeats: int) -> list[dict]:
     rows = []
     for batch in batches:
+        first = bench_capture.backend(batch, activations=f"{tmp}/hf-{batch}-0", capture_topk=0)
         lms = {
-            k: bench_capture.backend(batch, activations=f"{tmp}/hf-{batch}-{k}", capture_topk=k)
-            for k in (TOPK, 0)
+            0: first,
+            TOPK: bench_capture.backend(
+                batch, first, activations=f"{tmp}/hf-{batch}-{TOPK}", capture_topk=TOPK
+            ),
         }
 
         sides = same_tags(tags)
