@@ -215,7 +215,8 @@ def helper_thread() -> None:
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
-COALESCE = 16  # rows: off the engine's thread, steps with fewer rows are reduced together
+COALESCE = 16  # rows: steps with fewer rows are reduced together, on the calling thread
+COALESCE_HELPER = 64  # the same on a helper thread
 Step = tuple[torch.Tensor | Sequence[int], Callable[[torch.Tensor], None]]  # chosen ids, done
 
 
@@ -227,12 +228,15 @@ class Reduction:
     engine goes on, and the engine's thread only copies the step's rows: llama.cpp generates on
     half the cores by default and vLLM's CPU worker leaves a core to its front end, so it mostly
     runs on a core that would wait. Steps are copied one after another into a block and the
-    block goes to the helper once it holds COALESCE rows: a one-row step (llama.cpp decoding one
-    sequence) costs 0.32 ms reduced alone and 0.10 ms in a block of 16, and each block's ~12
-    torch calls take the GIL from the engine's thread (llama.cpp's graph callbacks are Python)
-    once per block, not once per token. Two reducers alternate: a block is filled while the one
-    before is reduced, and the first `load` into a reducer waits only while its previous block
-    is still being reduced. `done` runs on the helper thread, in step order; `wait` hands over
+    block goes to the helper once it holds COALESCE_HELPER rows: a one-row step (llama.cpp
+    decoding one sequence) costs 0.32 ms reduced alone and 0.10 ms in a block of 16, and each
+    block's ~25 torch calls contend for the GIL with the engine's thread (llama.cpp's graph
+    callbacks are Python, and so is vLLM's step) once per block, not once per step: in vLLM's
+    CPU worker (16 rows a step) handing a block over took the engine's thread 0.48-0.74 ms a
+    step with blocks of 16 rows, 0.17-0.37 with blocks of 64 (a block's buffers: 64 x vocab
+    float32, twice per reducer). Two reducers alternate: a block is filled while the one before
+    is reduced, and the first `load` into a reducer waits only while its previous block is
+    still being reduced. `done` runs on the helper thread, in step order; `wait` hands over
     the partly filled block, returns once every step is done and raises the first failure.
     Without `threaded` (CUDA, where the reduction is kernels queued on the device, and HF on a
     CPU, whose model keeps every core busy) a full block is reduced on the calling thread, with
@@ -251,6 +255,7 @@ class Reduction:
         self._pool = (
             ThreadPoolExecutor(1, "hallulens-token-stats", helper_thread) if threaded else None
         )
+        self._coalesce = COALESCE_HELPER if threaded else COALESCE
 
     def load(self, logits: torch.Tensor | np.ndarray, index: torch.Tensor | None = None) -> None:
         """Copy this step's rows after the block's (`Reducer.load`; host rows given as numpy,
@@ -269,7 +274,7 @@ class Reduction:
         """The loaded step's rows for the `chosen` [n] token ids, handed to `done`."""
         self._block.append((chosen, done))
         self._rows += len(chosen)
-        if self._rows >= COALESCE:
+        if self._rows >= self._coalesce:
             self._hand_over()
 
     def _hand_over(self) -> None:

@@ -36,7 +36,7 @@ def reduced(
     reduction.load(x, index)
     got: list[torch.Tensor] = []
     reduction.reduce(chosen, got.append)
-    reduction.wait()  # a step of fewer than COALESCE rows waits for more
+    reduction.wait()  # a step of fewer rows than a block waits for more
     assert len(got) == 1
     return got[0].double()
 
@@ -120,7 +120,7 @@ def test_reduction_hands_every_step_over_in_order(mode: str, host: bool) -> None
     engine_buffer = torch.empty(9, 4096)
     got: list[torch.Tensor] = []
     wants = []
-    for step in range(12):
+    for step in range(40):  # 180 rows: several blocks of either size
         n = 1 + step % 8
         engine_buffer.copy_(logits_rows(9, 4096, 1.0 + step, seed=100 + step))
         index = torch.arange(n)
