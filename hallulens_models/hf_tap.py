@@ -104,6 +104,22 @@ class LayerTap:
         self._hidden = model.config.get_text_config().hidden_size
         self.layer_ids = list(layer_ids)
         self.dtype = dtype
+        # kept from call to call: a reduction's buffers are vocabulary-sized blocks, and fresh
+        # ones pay their page faults again at every batch
+        self._reductions: dict[int, token_stats.Reduction] = {}
+
+    def _reduction(self, topk: int) -> token_stats.Reduction | None:
+        """This tap's reduction for `topk`, without the steps a failed call left in it. On the
+        CPU, HF's model keeps every core busy while it runs: reduced on its thread, with its
+        threads, between two steps."""
+        if not topk:
+            return None
+        reduction = self._reductions.get(topk)
+        if reduction is None:
+            reduction = token_stats.Reduction(topk, threaded=False, engine_threads=True)
+            self._reductions[topk] = reduction
+        reduction.discard()
+        return reduction
 
     @contextmanager
     def recording(
@@ -117,7 +133,7 @@ class LayerTap:
         0: none), every decode step if `keep_decode`, and with `topk` > 0 each step's token
         statistics. `on_tokens` gets the tokens each step chose ([batch]), as soon as they are
         known: when the next step feeds them, and the last step's through `Recording.close`."""
-        recording = Recording(self, prefill_rows, keep_decode, topk, on_tokens)
+        recording = Recording(self, prefill_rows, keep_decode, self._reduction(topk), on_tokens)
         handles = []
         for lid in self.layer_ids:
             if lid == 0:
@@ -157,7 +173,7 @@ class Recording(StepLog):
         tap: LayerTap,
         prefill_rows: int | None,
         keep_decode: bool,
-        topk: int,
+        reduction: token_stats.Reduction | None,
         on_tokens: Callable[[torch.Tensor], None],
     ) -> None:
         cuda = next(tap._model.parameters()).is_cuda
@@ -167,9 +183,7 @@ class Recording(StepLog):
         self._dtype = tap.dtype
         self._prefill_rows = prefill_rows
         self._keep_decode = keep_decode
-        # on the CPU, HF's model keeps every core busy while it runs: reduced on its thread,
-        # with its threads, between two steps
-        self._reduction = token_stats.Reduction(topk, threaded=False, engine_threads=True)
+        self._reduction = reduction
         self._on_tokens = on_tokens
         self._block: torch.Tensor | None = None  # this step's layers: host, or device on CUDA
         self._layer_views: tuple[torch.Tensor, ...] = ()  # the block per layer

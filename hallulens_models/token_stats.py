@@ -215,8 +215,7 @@ def helper_thread() -> None:
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
-COALESCE = 16  # rows: steps with fewer rows are reduced together, on the calling thread
-COALESCE_HELPER = 64  # the same on a helper thread
+COALESCE = 64  # rows: steps with fewer rows are reduced together
 Step = tuple[torch.Tensor | Sequence[int], Callable[[torch.Tensor], None]]  # chosen ids, done
 
 
@@ -228,7 +227,7 @@ class Reduction:
     engine goes on, and the engine's thread only copies the step's rows: llama.cpp generates on
     half the cores by default and vLLM's CPU worker leaves a core to its front end, so it mostly
     runs on a core that would wait. Steps are copied one after another into a block and the
-    block goes to the helper once it holds COALESCE_HELPER rows: a one-row step (llama.cpp
+    block goes to the helper once it holds COALESCE rows: a one-row step (llama.cpp
     decoding one sequence) costs 0.32 ms reduced alone and 0.10 ms in a block of 16, and each
     block's ~25 torch calls contend for the GIL with the engine's thread (llama.cpp's graph
     callbacks are Python, and so is vLLM's step) once per block, not once per step: in vLLM's
@@ -241,8 +240,11 @@ class Reduction:
     Without `threaded` (CUDA, where the reduction is kernels queued on the device, and HF on a
     CPU, whose model keeps every core busy) a full block is reduced on the calling thread, with
     its torch threads if `engine_threads` (`Reducer`): a reduction's ~20 torch calls then come
-    once per COALESCE rows, not once per step (HF, batch of 4 on two cores: the statistics took
-    0.94 ms of each step on the model's thread reduced step by step, 0.56 ms in blocks)."""
+    once per COALESCE rows, not once per step (HF on two cores: at batch 4 the statistics took
+    0.94 ms of each step on the model's thread reduced step by step, 0.56 ms in blocks of 16
+    rows; at batch 16, 2.2 ms a step in blocks of 16 rows, 1.9 in blocks of 64). A Reduction kept from call to
+    call keeps its buffers: fresh ones pay their page faults again (with blocks of 64 that
+    undid the gain at batch 4)."""
 
     def __init__(self, k: int, threaded: bool, engine_threads: bool = False) -> None:
         self._reducers = (
@@ -255,7 +257,6 @@ class Reduction:
         self._pool = (
             ThreadPoolExecutor(1, "hallulens-token-stats", helper_thread) if threaded else None
         )
-        self._coalesce = COALESCE_HELPER if threaded else COALESCE
 
     def load(self, logits: torch.Tensor | np.ndarray, index: torch.Tensor | None = None) -> None:
         """Copy this step's rows after the block's (`Reducer.load`; host rows given as numpy,
@@ -274,7 +275,7 @@ class Reduction:
         """The loaded step's rows for the `chosen` [n] token ids, handed to `done`."""
         self._block.append((chosen, done))
         self._rows += len(chosen)
-        if self._rows >= self._coalesce:
+        if self._rows >= COALESCE:
             self._hand_over()
 
     def _hand_over(self) -> None:
@@ -285,6 +286,11 @@ class Reduction:
             return
         self._futures[self._turn] = self._pool.submit(_statistics, reducer, block)
         self._turn = (self._turn + 1) % len(self._reducers)
+
+    def discard(self) -> None:
+        """Forget the steps not handed over yet (a call that failed before its end), keeping
+        the buffers for the next call."""
+        self._block, self._rows = [], 0
 
     def wait(self) -> None:
         if self._block:

@@ -105,6 +105,24 @@ def test_one_reducer_over_steps_of_changing_size_and_dtype() -> None:
         assert all(len(set(row.tolist())) == K for row in ids)
 
 
+def test_a_failed_call_leaves_nothing_for_the_next() -> None:
+    """HF keeps one Reduction from call to call: the steps a failed call loaded, and reduced
+    without handing them over, are dropped, neither passed on nor mixed into the next block."""
+    reduction = token_stats.Reduction(K, threaded=False)
+    stale: list[torch.Tensor] = []
+    reduction.load(logits_rows(3, 4096, 2.0, seed=5))
+    reduction.reduce(torch.tensor([1, 2, 3]), stale.append)
+    reduction.load(logits_rows(3, 4096, 2.0, seed=6))  # the call failed before its tokens
+    reduction.discard()
+    x = logits_rows(4, 4096, 2.0, seed=7)
+    chosen = torch.tensor([4, 5, 6, 7])
+    got = reduced(x, chosen, reduction=reduction)
+    want = reference(x, chosen, K)
+    assert stale == []
+    assert (got[:, : 2 + K] - want[:, : 2 + K]).abs().max() < 2e-5
+    assert torch.equal(got[:, 2 + K :], want[:, 2 + K :])
+
+
 @pytest.mark.parametrize("host", [False, True], ids=["torch", "numpy"])
 @pytest.mark.parametrize("mode", ["helper thread", "calling thread", "engine threads"])
 def test_reduction_hands_every_step_over_in_order(mode: str, host: bool) -> None:
@@ -120,7 +138,7 @@ def test_reduction_hands_every_step_over_in_order(mode: str, host: bool) -> None
     engine_buffer = torch.empty(9, 4096)
     got: list[torch.Tensor] = []
     wants = []
-    for step in range(40):  # 180 rows: several blocks of either size
+    for step in range(40):  # 180 rows: several blocks
         n = 1 + step % 8
         engine_buffer.copy_(logits_rows(9, 4096, 1.0 + step, seed=100 + step))
         index = torch.arange(n)
