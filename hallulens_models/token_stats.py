@@ -242,9 +242,9 @@ class Reduction:
     its torch threads if `engine_threads` (`Reducer`): a reduction's ~20 torch calls then come
     once per COALESCE rows, not once per step (HF on two cores: at batch 4 the statistics took
     0.94 ms of each step on the model's thread reduced step by step, 0.56 ms in blocks of 16
-    rows; at batch 16, 2.2 ms a step in blocks of 16 rows, 1.9 in blocks of 64). A Reduction kept from call to
-    call keeps its buffers: fresh ones pay their page faults again (with blocks of 64 that
-    undid the gain at batch 4)."""
+    rows; at batch 16, 2.2 ms a step in blocks of 16 rows, 1.9 in blocks of 64). A Reduction
+    kept from call to call keeps its buffers: fresh ones pay their page faults again (with
+    blocks of 64 that undid the gain at batch 4)."""
 
     def __init__(self, k: int, threaded: bool, engine_threads: bool = False) -> None:
         self._reducers = (
