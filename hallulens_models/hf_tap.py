@@ -108,7 +108,7 @@ class LayerTap:
         # ones pay their page faults again at every batch
         self._reductions: dict[int, token_stats.Reduction] = {}
 
-    def _reduction(self, topk: int) -> token_stats.Reduction | None:
+    def _reduction_for(self, topk: int) -> token_stats.Reduction | None:
         """This tap's reduction for `topk`, without the steps a failed call left in it. On the
         CPU, HF's model keeps every core busy while it runs: reduced on its thread, with its
         threads, between two steps."""
@@ -133,7 +133,7 @@ class LayerTap:
         0: none), every decode step if `keep_decode`, and with `topk` > 0 each step's token
         statistics. `on_tokens` gets the tokens each step chose ([batch]), as soon as they are
         known: when the next step feeds them, and the last step's through `Recording.close`."""
-        recording = Recording(self, prefill_rows, keep_decode, self._reduction(topk), on_tokens)
+        recording = Recording(self, prefill_rows, keep_decode, self._reduction_for(topk), on_tokens)
         handles = []
         for lid in self.layer_ids:
             if lid == 0:

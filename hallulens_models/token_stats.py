@@ -239,7 +239,7 @@ class Reduction:
     the partly filled block, returns once every step is done and raises the first failure.
     Without `threaded` (CUDA, where the reduction is kernels queued on the device, and HF on a
     CPU, whose model keeps every core busy) a full block is reduced on the calling thread, with
-    its torch threads if `engine_threads` (`Reducer`): a reduction's ~20 torch calls then come
+    its torch threads if `engine_threads` (`Reducer`): a reduction's ~25 torch calls then come
     once per COALESCE rows, not once per step (HF on two cores: at batch 4 the statistics took
     0.94 ms of each step on the model's thread reduced step by step, 0.56 ms in blocks of 16
     rows; at batch 16, 2.2 ms a step in blocks of 16 rows, 1.9 in blocks of 64). A Reduction
