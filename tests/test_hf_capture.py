@@ -13,7 +13,7 @@ from hallulens_capture import open_store, record_key
 from hallulens_capture.errors import CaptureConfigError, StoreError
 from hallulens_capture.keys import share_of
 from hallulens_capture.report import check_record
-from hallulens_models import hf_tap
+from hallulens_models import hf_lm, hf_tap
 from hallulens_models.hf_lm import HalluLensHFLM
 
 HF_TOKEN_ERROR = 2e-4  # measured up to 4e-5 (fp32 batched generate vs one fp32 forward)
@@ -175,6 +175,35 @@ def test_a_batch_step_copies_are_freed_when_its_rows_are_written(tmp_path):
         gc.enable()
     assert lm._capture.written == 2
     assert alive == []
+
+
+def test_a_row_ended_by_a_stop_string_leaves_while_generate_goes_on(tmp_path, monkeypatch):
+    """Stop strings are looked for every STOP_EVERY steps: a row that ends on one is handed to
+    the writer at most that many forward steps after the step that made its last token, before
+    generate returns, and its record ends exactly at the token that completes the stop string."""
+    lm = backend(tmp_path / "s", len(PROMPTS))
+    forwards, handed = [0], {}
+    lm.model.register_forward_pre_hook(lambda *args: forwards.__setitem__(0, forwards[0] + 1))
+    finished = lm._finished
+
+    def spy(context, response, sample):
+        handed[context] = forwards[0]
+        finished(context, response, sample)
+
+    monkeypatch.setattr(lm, "_finished", spy)
+    texts = lm.generate_until(requests(PROMPTS, until=(",",)))
+    total, early = forwards[0], 0
+    with open_store(tmp_path / "s") as store:
+        for prompt, text in zip(PROMPTS, texts, strict=True):
+            record = store[record_key(prompt)]
+            generated = list(record.generated_token_ids)
+            assert record.response == text and "," not in text
+            if len(generated) < 16:  # ended by the stop string
+                assert "," in lm.tok_decode(generated)
+                assert "," not in lm.tok_decode(generated[:-1])
+                assert handed[prompt] <= len(generated) + hf_lm.STOP_EVERY < total
+                early += 1
+    assert early >= 2  # the check can fail: rows must end early for it to say anything
 
 
 def test_loglikelihood_is_the_harness_own(smollm2_dir, tmp_path):
