@@ -138,7 +138,8 @@ class _Batch:
             mask.sum(dim=1).tolist() if mask is not None else [self.width] * len(prompts)
         )
         self.stop = stop
-        # a stop string shows in the text of the last few tokens; a miss only delays the record
+        # a stop string shows in the text of the last few tokens (and of the steps since the
+        # last look); a miss only delays the record
         self.window = 2 * max((len(s) for s in stop), default=0) + 1 + STOP_EVERY
         self.steps = 0
         self.generated: list[list[int]] = [[] for _ in prompts]
