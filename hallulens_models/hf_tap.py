@@ -76,12 +76,12 @@ class StepLog:
         then its first `n_decode` decode steps. Views of the step copies, joined only where the
         record is encoded (they keep the copies alive until then)."""
         self._ready()
-        steps = ([0] if 0 in self.blocks and n_prompt > 0 else []) + list(range(1, n_decode + 1))
-        if not steps:
+        parts = [self._view(step)[:, row] for step in range(1, n_decode + 1)]
+        if 0 in self.blocks and n_prompt > 0:
+            prefill = self._view(0)[:, row]
+            parts.insert(0, prefill[:, prefill.shape[1] - n_prompt :])
+        if not parts:
             return storage_view(self._empty)
-        parts = [self._view(step)[:, row] for step in steps]
-        if steps[0] == 0:
-            parts[0] = parts[0][:, parts[0].shape[1] - n_prompt :]
         return parts[0] if len(parts) == 1 else TokenParts(parts)
 
     def _view(self, step: int) -> np.ndarray:
