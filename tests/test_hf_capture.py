@@ -206,6 +206,35 @@ def test_a_row_ended_by_a_stop_string_leaves_while_generate_goes_on(tmp_path, mo
     assert early >= 2  # the check can fail: rows must end early for it to say anything
 
 
+def test_the_hooks_go_when_generate_ends_or_fails(tmp_path, monkeypatch):
+    """Capture wraps the modules' `forward` only while it records: a call failing inside a
+    forward step leaves the model as it was, with a forward an instance had already (as
+    accelerate's hooks set one) put back, and the next call captures as before."""
+    lm = backend(tmp_path / "s", 2)
+    layer = hf_tap.decoder_layers(lm.model)[3]
+    own = layer.forward
+    layer.forward = own  # an instance's own forward
+
+    def wrapped():
+        return sorted(name for name, m in lm.model.named_modules() if "forward" in m.__dict__)
+
+    before = wrapped()
+    calls = []
+
+    def failing(context, response, sample):
+        calls.append(context)
+        raise RuntimeError("the writer is gone")
+
+    monkeypatch.setattr(lm, "_finished", failing)
+    with pytest.raises(RuntimeError, match="the writer is gone"):
+        lm.generate_until(requests(PROMPTS[:2], until=(",",)))
+    assert calls and wrapped() == before and len(before) == 1
+    assert layer.__dict__["forward"] is own
+    monkeypatch.undo()
+    lm.generate_until(requests(PROMPTS[2:]))
+    assert lm._capture.written == 2 and wrapped() == before
+
+
 def test_loglikelihood_is_the_harness_own(smollm2_dir, tmp_path):
     pairs = [("Question: What is two plus two?\nAnswer:", " four"), ("The sky is", " blue")]
     reqs = [Instance("loglikelihood", {}, pair, i, ("ll", i, 1)) for i, pair in enumerate(pairs)]
