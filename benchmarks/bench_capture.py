@@ -7,10 +7,6 @@ first; the ratio is the median of the pairs' ratios with its 95 % interval (`com
 Every capture run writes into a fresh store (an existing record would be resumed, not
 generated).
 
-Decode steps (`decode_steps`): the engine's side alone, steps of the model at batch 4 and 16
-timed one by one, plain and inside capture's recording, the sides alternating every 16 steps:
-resolves what capture adds to a step where whole calls drift by ~1 % a run.
-
 Hand-over (`handover`): the host side of a finished batch alone, at a size where it shows: the
 rows of B answers, each step of them in a block [33 layers, B, 1, 4096] float16 as the HF step
 log keeps them, handed to the record writer (`CaptureSession`) and synced, ÷ appending the same
@@ -40,16 +36,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from common import (
-    Pairs,
-    huge_pages_enabled,
-    paired,
-    run_case,
-    run_with_huge_pages,
-    save,
-    span,
-    table,
-)
+from common import huge_pages_enabled, paired, run_case, run_with_huge_pages, save, span, table
 from lm_eval.api.instance import Instance
 
 from hallulens_capture import store as store_module
@@ -58,7 +45,7 @@ from hallulens_capture.positions import token_positions
 from hallulens_capture.session import CapturedSample, CaptureSession, SampleRequest
 from hallulens_capture.spec import CaptureSpec
 from hallulens_models.hf_lm import HalluLensHFLM
-from hallulens_models.hf_tap import LayerTap, StepLog
+from hallulens_models.hf_tap import StepLog
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -140,77 +127,6 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9, per_call=1) -> dict[str
             del plain
             gc.collect()
     return {"rows": rows, "repeats": repeats, "storage": "float16", "tokens": "generated"}
-
-
-SIDES = ("plain", "layers", "layers and statistics")
-
-
-def decode_steps(batches=(4, 16), rounds=20, per_block=16, topk=20) -> list[dict[str, object]]:
-    """Seconds of single decode steps (the model's forward over a fixed cache, one new token a
-    row), plain and inside capture's recording of all layers, without and with token
-    statistics: blocks of `per_block` steps, one block a side per round, the sides' order
-    rotated. Steps a few seconds apart drift far less than whole calls (one run's median of a
-    call moves by ~1 % on this host), so this resolves what capture adds to the engine's steps;
-    the stop checks, the records and the sync that end a call are not in it. A block is long
-    enough for the statistics' reduction to run in it (64 rows: every 16 steps at batch 4)."""
-    lm = backend(1)
-    tap = LayerTap(lm.model, range(lm.model.config.num_hidden_layers + 1), torch.float16)
-    rows = []
-    for batch in batches:
-        times = _step_times(lm, tap, batch, rounds, per_block, topk)
-        for side in SIDES[1:]:
-            pairs = Pairs(times[side], times["plain"])
-            rows.append(
-                {
-                    "batch": batch,
-                    "side": side,
-                    "plain_ms": 1e3 * statistics.median(pairs.b),
-                    "with_ms": 1e3 * statistics.median(pairs.a),
-                    "ratio": pairs.ratio,
-                    "interval": pairs.interval(),
-                }
-            )
-    return rows
-
-
-def _step_times(
-    lm: HalluLensHFLM, tap: LayerTap, batch: int, rounds: int, per_block: int, topk: int
-) -> dict[str, list[float]]:
-    """Each side's mean step seconds, a block a round (see `decode_steps`)."""
-    model, tokenizer = lm.model, lm.tokenizer
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(
-        [PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt", padding=True
-    )
-    ids = torch.full((batch, 1), tokenizer.eos_token_id or 0)
-    mask = torch.cat([encoded.attention_mask, torch.ones_like(ids)], dim=1)
-    width = encoded.input_ids.shape[1]
-    with torch.no_grad():
-        cache = model(**encoded, use_cache=True).past_key_values
-
-    def step() -> float:
-        start = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        seconds = time.perf_counter() - start
-        cache.crop(width)
-        return seconds
-
-    def block(side: str) -> float:
-        if side == "plain":
-            return statistics.mean(step() for _ in range(per_block))
-        stats = topk if side == "layers and statistics" else 0
-        with tap.recording(0, True, stats, lambda tokens: None):
-            step()  # the recording's first forward is its prefill
-            return statistics.mean(step() for _ in range(per_block))
-
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
-    with torch.no_grad():
-        for side in SIDES:
-            block(side)  # warm
-        for r in range(rounds):
-            for side in SIDES[r % 3 :] + SIDES[: r % 3]:
-                times[side].append(block(side))
-    return times
 
 
 def step_log(batch: int, steps: int, layers: int, hidden: int) -> StepLog:
@@ -366,24 +282,6 @@ if __name__ == "__main__":
                     *[r["ratio"], span(r["interval"])],
                 ]
                 for r in result["rows"]
-            ],
-        )
-    )
-    result["decode_steps"] = decode_steps(rounds=6 if quick else 20)
-    print(
-        table(
-            "Decode steps alone (SmolLM2, CPU, all layers): ms a step with ÷ without capture",
-            ["batch", "capture", "without ms", "with ms", "ratio", "95 % interval"],
-            [
-                [
-                    r["batch"],
-                    r["side"],
-                    r["plain_ms"],
-                    r["with_ms"],
-                    r["ratio"],
-                    span(r["interval"]),
-                ]
-                for r in result["decode_steps"]
             ],
         )
     )
