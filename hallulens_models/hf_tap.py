@@ -7,7 +7,7 @@ step (asynchronously into pinned memory on CUDA), so a long generation never pil
 states on the device. With token statistics, hooks on the model itself read each step's output
 logits (the model's own, as `generate` gets them) and the tokens fed at the next step. The hooks
 wrap each module's `forward` (`watch`) rather than use torch's module hooks, whose call path
-cost more than the copying.
+cost about as much as the copying.
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ def watch(
     """Have `before(args, kwargs)` see each call's inputs and `after(output)` its output, by
     wrapping the module's own `forward` (the way accelerate attaches its hooks); the function
     returned puts the previous `forward` back. Not torch's module hooks: a module with a hook
-    takes torch's slow call path, which cost more than capture's own work (SmolLM2, one decode
-    step timed alone, 31 layers kept and copied once a step, alternating steps: hooks 1.1-1.6 %
-    of a batch-4 step and 1.9 % at batch 16, this wrapper 0.6-0.9 % and 0.5 %)."""
+    takes torch's slow call path, which cost about as much as capture's own work (SmolLM2, one
+    decode step timed alone, 31 layers kept and copied once a step, alternating steps: hooks
+    1.1-1.6 % of a batch-4 step and 1.9 % at batch 16, this wrapper 0.6-0.9 % and 0.5 %)."""
     inner = module.forward
     own = "forward" in module.__dict__  # an instance's forward (accelerate's) goes back as is
 
