@@ -150,34 +150,11 @@ class LayerTap:
         statistics. `on_tokens` gets the tokens each step chose ([batch]), as soon as they are
         known: when the next step feeds them, and the last step's through `Recording.close`."""
         recording = Recording(self, prefill_rows, keep_decode, self._reduction_for(topk), on_tokens)
-        undo = []
         try:
-            for lid in self.layer_ids:
-                if lid == 0:
-
-                    def before(args, kwargs):
-                        recording.grab(0, args[0] if args else kwargs["hidden_states"])
-
-                    undo.append(watch(self._layers[0], before=before))
-                else:
-
-                    def after(output, lid=lid):
-                        recording.grab(
-                            lid, output[0] if isinstance(output, (tuple, list)) else output
-                        )
-
-                    undo.append(watch(self._layers[lid - 1], after=after))
-            undo.append(
-                watch(
-                    self._model,
-                    before=recording.before_step,
-                    after=recording.after_step if topk else None,
-                )
-            )
+            recording.start()
             yield recording
         finally:
-            for restore in reversed(undo):
-                restore()
+            recording.stop()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.current_stream().synchronize()  # pending copies into pinned memory
 
@@ -220,7 +197,9 @@ class Recording(StepLog):
     """The hooks' side of a StepLog: each step's chosen layers go to a host block in one copy
     (on CUDA: gathered on the device, then one asynchronous copy into pinned memory), its
     logits are reduced on the device (`token_stats`) until the next step reveals the chosen
-    tokens."""
+    tokens. `start` watches the layers for the prefill and the model for every step; the
+    first decode step watches the layers again, for decode steps (`_watch_decode`); `stop`
+    puts every `forward` back."""
 
     def __init__(
         self,
@@ -232,6 +211,7 @@ class Recording(StepLog):
     ) -> None:
         cuda = next(tap._model.parameters()).is_cuda
         super().__init__(len(tap.layer_ids), tap._hidden, tap.dtype, cuda)
+        self._tap = tap
         self._slots = {lid: i for i, lid in enumerate(tap.layer_ids)}
         self._last = tap.layer_ids[-1]
         self._dtype = tap.dtype
@@ -241,13 +221,72 @@ class Recording(StepLog):
         self._on_tokens = on_tokens
         self._block: torch.Tensor | None = None  # the prefill's layers: host, or device on CUDA
         self._layer_views: tuple[torch.Tensor, ...] = ()  # the block per layer
-        self._outputs: list[torch.Tensor | None] = [None] * len(self._slots)  # this step's, by slot
+        self._kept: list = []  # this decode step's layer outputs, in layer order
+        self._fed = 0  # tokens fed to the decode step that is running
+        self._decoding = False  # the layers are watched for decode steps
         self._pending = False  # last step's logits are loaded, awaiting its tokens
+        self._layer_undo: list[Callable[[], None]] = []
+        self._model_undo: Callable[[], None] | None = None
 
-    def grab(self, lid: int, hidden: torch.Tensor) -> None:
-        if self.lengths:
-            self._grab_decode(lid, hidden)
+    def start(self) -> None:
+        """Watch the chosen layers for the prefill, then the model (its steps' inputs and
+        logits)."""
+        layers = self._tap._layers
+        for lid in self._tap.layer_ids:
+            if lid == 0:
+
+                def before(args, kwargs):
+                    self._grab_prefill(0, args[0] if args else kwargs["hidden_states"])
+
+                self._layer_undo.append(watch(layers[0], before=before))
+            else:
+
+                def after(output, lid=lid):
+                    self._grab_prefill(
+                        lid, output[0] if isinstance(output, (tuple, list)) else output
+                    )
+
+                self._layer_undo.append(watch(layers[lid - 1], after=after))
+        self._model_undo = watch(self._tap._model, before=self.before_step, after=self.after_step)
+
+    def stop(self) -> None:
+        """Put back every `forward` this recording wrapped (also after a failed step)."""
+        if self._model_undo is not None:
+            self._model_undo()
+            self._model_undo = None
+        self._unwatch_layers()
+
+    def _unwatch_layers(self) -> None:
+        undo, self._layer_undo = self._layer_undo, []
+        for restore in reversed(undo):  # layer 0 may be wrapped twice (layers 0 and 1)
+            restore()
+
+    def _watch_decode(self) -> None:
+        """From the first decode step on, a chosen layer's output only joins the step's list,
+        the list's own `append` called by the wrapper, and the step's end copies them all at
+        once (`_end_decode_step`). A copy per layer, called from Python between two layers with
+        the caches cold, cost more than the copying (SmolLM2, 16 rows x 64 steps, all layers,
+        two cores: the hooks took 34-52 ms a call, 22-28 with one copy a step); our Python per
+        layer, three calls, cost a fifth of the rest (16 rows x 16 steps, alternating calls:
+        12.6 ms a call in the hooks with them, 9.9 with the `append` alone). The model never
+        changes a layer's output in place: HF's own `output_hidden_states` hands out the same
+        tensors. Without `keep_decode` no layer is watched."""
+        self._unwatch_layers()
+        self._decoding = True
+        if not self._keep_decode:
             return
+        layers, kept = self._tap._layers, self._kept
+        for lid in self._tap.layer_ids:
+            if lid == 0:
+
+                def before(args, kwargs):
+                    kept.append(args[0] if args else kwargs["hidden_states"])
+
+                self._layer_undo.append(watch(layers[0], before=before))
+            else:
+                self._layer_undo.append(watch(layers[lid - 1], after=kept.append))
+
+    def _grab_prefill(self, lid: int, hidden: torch.Tensor) -> None:
         length = hidden.shape[1]
         if self._prefill_rows != 0:
             if self._prefill_rows is not None:
@@ -266,36 +305,40 @@ class Recording(StepLog):
                 self.blocks[0] = _to_host(self._block)
                 self._block = None
 
-    def _grab_decode(self, lid: int, hidden: torch.Tensor) -> None:
-        """A decode step's layer outputs ([batch, 1, hidden] each) are kept as they are until
-        its last layer, then copied into its block in one call: a copy per layer, called from
-        Python between two layers with the caches cold, cost more than the copying (SmolLM2,
-        16 rows x 64 steps, all layers, two cores: the hooks took 34-52 ms a call, 22-28 with
-        one copy a step). The model never changes a layer's output in place: HF's own
-        `output_hidden_states` hands out the same tensors."""
-        if self._keep_decode:
-            self._outputs[self._slots[lid]] = hidden
-        if lid == self._last:
-            step = len(self.lengths)
-            self.lengths.append(hidden.shape[1])
-            if self._keep_decode:
-                outputs, self._outputs = self._outputs, [None] * len(self._slots)
-                block = torch.empty(
-                    (len(outputs), *hidden.shape), dtype=self._dtype, device=hidden.device
-                )
-                torch._foreach_copy_(block.unbind(0), outputs)
-                self.blocks[step] = _to_host(block)
+    def _end_decode_step(self) -> None:
+        step = len(self.lengths)
+        self.lengths.append(self._fed)
+        if not self._keep_decode:
+            return
+        outputs = [o[0] if isinstance(o, (tuple, list)) else o for o in self._kept]
+        self._kept.clear()
+        if len(outputs) != len(self._slots):
+            raise CaptureError(
+                f"decode step {step} ran {len(outputs)} of the {len(self._slots)} watched "
+                "layers; cannot place its activations"
+            )
+        block = torch.empty(
+            (len(outputs), *outputs[-1].shape), dtype=self._dtype, device=outputs[-1].device
+        )
+        torch._foreach_copy_(block.unbind(0), outputs)
+        self.blocks[step] = _to_host(block)
 
     def before_step(self, args: tuple, kwargs: dict) -> None:
         """From the second forward on, the fed tokens are the ones the previous step chose."""
         if self.lengths:
+            if not self._decoding:
+                self._watch_decode()
             ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            self._fed = ids.shape[1]
             self._chosen(ids[:, -1])
 
     def after_step(self, output) -> None:
-        logits = output.logits if hasattr(output, "logits") else output[0]
-        self._reduction.load(logits[:, -1])
-        self._pending = True
+        if self._decoding:
+            self._end_decode_step()
+        if self._reduction is not None:
+            logits = output.logits if hasattr(output, "logits") else output[0]
+            self._reduction.load(logits[:, -1])
+            self._pending = True
 
     def row_stats(self, row: int, n_tokens: int) -> np.ndarray:
         self._reduction.wait()  # steps still gathered for one reduction

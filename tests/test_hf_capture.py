@@ -4,13 +4,14 @@ import gc
 
 import numpy as np
 import pytest
+import torch
 from conftest import report
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from reference import NO_TOKENS, compare_record, compare_token_stats
 
 from hallulens_capture import open_store, record_key
-from hallulens_capture.errors import CaptureConfigError, StoreError
+from hallulens_capture.errors import CaptureConfigError, CaptureError, StoreError
 from hallulens_capture.keys import share_of
 from hallulens_capture.report import check_record
 from hallulens_models import hf_lm, hf_tap
@@ -233,6 +234,29 @@ def test_the_hooks_go_when_generate_ends_or_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     lm.generate_until(requests(PROMPTS[::3]))
     assert lm._capture.written == 2 and wrapped() == before
+
+
+def test_a_decode_step_that_skips_a_watched_layer_is_refused(tmp_path):
+    """Decode steps keep the watched layers' outputs in the order the model runs them: a step
+    that runs fewer of them (a model skipping layers) cannot be placed, and says so."""
+    lm = backend(tmp_path / "s", 2)
+    decoder = lm.model.get_decoder()
+    layers = decoder.layers
+
+    def skip_layer_20(module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        if ids.shape[1] == 1:  # a decode step
+            decoder.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != 20])
+
+    hook = lm.model.register_forward_pre_hook(skip_layer_20, with_kwargs=True)
+    try:
+        with pytest.raises(CaptureError, match="decode step 1 ran 30 of the 31 watched layers"):
+            lm.generate_until(requests(PROMPTS[:2]))
+    finally:
+        hook.remove()
+        decoder.layers = layers
+    assert not any("forward" in m.__dict__ for m in lm.model.modules())
+    assert lm._capture.written == 0
 
 
 def test_loglikelihood_is_the_harness_own(smollm2_dir, tmp_path):
