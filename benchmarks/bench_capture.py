@@ -4,6 +4,11 @@ SmolLM2 (float32 weights on CPU), greedy, generation forced to exactly N new tok
 (`min_new_tokens`), all 31 layers or a 4-layer subset, float16 storage, generated tokens.
 The two backends share one model and run in pairs, back to back, alternating which goes
 first; the ratio is the median of the pairs' ratios with its 95 % interval (`common.Pairs`).
+With `--control`, rows of layers "none (control)" time a second plain backend over the same
+model against the first in the same way: what the run finds where nothing differs. On this
+2-core host the speed of whole calls swings with the neighbours' load, from ~1 % of a call in
+quiet hours to 6-7 % (per pair of calls) in busy ones, and a control's median strays as far as
+a capture row's.
 Every capture run writes into a fresh store (an existing record would be resumed, not
 generated).
 
@@ -88,9 +93,16 @@ def backend(batch: int, shared: HalluLensHFLM | None = None, **capture) -> Hallu
     )
 
 
-def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9, per_call=1) -> dict[str, object]:
+CONTROL = "none (control)"  # the `layers` of a control row: a second plain backend ÷ plain
+
+
+def run(
+    batches=(1, 4, 16), lengths=(16, 64), repeats=9, per_call=1, control=False
+) -> dict[str, object]:
     """The capture table; each call is `per_call` batches (lm-eval asks for a task's every
-    request in one call: the writer's sync then ends the run, not each batch)."""
+    request in one call: the writer's sync then ends the run, not each batch). With `control`,
+    each batch also gets rows timing a second plain backend against the first in the same way:
+    the ratio a run finds where there is no difference at all, its own noise."""
     rows = []
     tags = iter(range(10**9))  # fresh prompts every run: a stored prompt would be resumed
 
@@ -100,12 +112,15 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9, per_call=1) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
             plain = backend(batch)
-            for layers in ("all", "0,10,20,30"):
-                store = f"{tmp}/{batch}-{layers}"
-                capturing = backend(batch, plain, activations=store, capture_layers=layers)
+            for layers in ("all", "0,10,20,30", *([CONTROL] if control else [])):
+                if layers == CONTROL:
+                    other = backend(batch, plain)
+                else:
+                    store = f"{tmp}/{batch}-{layers}"
+                    other = backend(batch, plain, activations=store, capture_layers=layers)
                 for n in lengths:
                     pairs = paired(
-                        partial(generate, capturing, batch, n),
+                        partial(generate, other, batch, n),
                         partial(generate, plain, batch, n),
                         repeats,
                     )
@@ -122,7 +137,7 @@ def run(batches=(1, 4, 16), lengths=(16, 64), repeats=9, per_call=1) -> dict[str
                             "pair_ratios": pairs.ratios,
                         }
                     )
-                del capturing
+                del other
                 gc.collect()
             del plain
             gc.collect()
@@ -248,10 +263,18 @@ def options() -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help="pairs of calls (default 9, 2 with --quick)")
     parser.add_argument(
+        "--new-tokens", help="comma-separated answer lengths (default 16,64; 16 with --quick)"
+    )
+    parser.add_argument(
         "--batches-per-call", type=int, default=1, help="batches in each call (default 1)"
     )
     parser.add_argument(
         "--capture-only", action="store_true", help="the capture table alone, no hand-over"
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also time a second plain backend against the first: the run's own noise",
     )
     return parser.parse_known_args()[0]
 
@@ -262,11 +285,15 @@ if __name__ == "__main__":
     args = options()
     quick = args.quick
     default_batches = (1, 4) if quick else (1, 4, 16)
+    default_lengths = (16,) if quick else (16, 64)
     result = run(
         batches=[int(b) for b in args.batches.split(",")] if args.batches else default_batches,
-        lengths=(16,) if quick else (16, 64),
+        lengths=[int(n) for n in args.new_tokens.split(",")]
+        if args.new_tokens
+        else default_lengths,
         repeats=args.repeats or (2 if quick else 9),
         per_call=args.batches_per_call,
+        control=args.control,
     )
     print(
         table(
