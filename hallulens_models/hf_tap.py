@@ -231,22 +231,8 @@ class Recording(StepLog):
     def start(self) -> None:
         """Watch the chosen layers for the prefill, then the model (its steps' inputs and
         logits)."""
-        layers = self._tap._layers
-        for lid in self._tap.layer_ids:
-            if lid == 0:
-
-                def before(args, kwargs):
-                    self._grab_prefill(0, args[0] if args else kwargs["hidden_states"])
-
-                self._layer_undo.append(watch(layers[0], before=before))
-            else:
-
-                def after(output, lid=lid):
-                    self._grab_prefill(
-                        lid, output[0] if isinstance(output, (tuple, list)) else output
-                    )
-
-                self._layer_undo.append(watch(layers[lid - 1], after=after))
+        grab = self._grab_prefill
+        self._watch_layers(functools.partial(grab, 0), lambda lid: functools.partial(grab, lid))
         self._model_undo = watch(self._tap._model, before=self.before_step, after=self.after_step)
 
     def stop(self) -> None:
@@ -255,6 +241,24 @@ class Recording(StepLog):
             self._model_undo()
             self._model_undo = None
         self._unwatch_layers()
+
+    def _watch_layers(
+        self,
+        on_input: Callable[[torch.Tensor], None],
+        on_output: Callable[[int], Callable[[object], None]],
+    ) -> None:
+        """Wrap the chosen layers: layer 0's input goes to `on_input`, layer i's output, as the
+        decoder layer returns it, to `on_output(i)`."""
+        layers = self._tap._layers
+        for lid in self._tap.layer_ids:
+            if lid == 0:
+
+                def before(args, kwargs):
+                    on_input(args[0] if args else kwargs["hidden_states"])
+
+                self._layer_undo.append(watch(layers[0], before=before))
+            else:
+                self._layer_undo.append(watch(layers[lid - 1], after=on_output(lid)))
 
     def _unwatch_layers(self) -> None:
         undo, self._layer_undo = self._layer_undo, []
@@ -275,18 +279,11 @@ class Recording(StepLog):
         self._decoding = True
         if not self._keep_decode:
             return
-        layers, kept = self._tap._layers, self._kept
-        for lid in self._tap.layer_ids:
-            if lid == 0:
+        kept = self._kept
+        self._watch_layers(kept.append, lambda lid: kept.append)
 
-                def before(args, kwargs):
-                    kept.append(args[0] if args else kwargs["hidden_states"])
-
-                self._layer_undo.append(watch(layers[0], before=before))
-            else:
-                self._layer_undo.append(watch(layers[lid - 1], after=kept.append))
-
-    def _grab_prefill(self, lid: int, hidden: torch.Tensor) -> None:
+    def _grab_prefill(self, lid: int, output: object) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
         length = hidden.shape[1]
         if self._prefill_rows != 0:
             if self._prefill_rows is not None:
