@@ -41,7 +41,16 @@ from functools import partial
 
 import numpy as np
 import torch
-from common import huge_pages_enabled, paired, run_case, run_with_huge_pages, save, span, table
+from common import (
+    huge_pages_enabled,
+    numbers,
+    paired,
+    run_case,
+    run_with_huge_pages,
+    save,
+    span,
+    table,
+)
 from lm_eval.api.instance import Instance
 
 from hallulens_capture import store as store_module
@@ -284,13 +293,9 @@ if __name__ == "__main__":
         sys.exit()
     args = options()
     quick = args.quick
-    default_batches = (1, 4) if quick else (1, 4, 16)
-    default_lengths = (16,) if quick else (16, 64)
     result = run(
-        batches=[int(b) for b in args.batches.split(",")] if args.batches else default_batches,
-        lengths=[int(n) for n in args.new_tokens.split(",")]
-        if args.new_tokens
-        else default_lengths,
+        batches=numbers(args.batches) or ((1, 4) if quick else (1, 4, 16)),
+        lengths=numbers(args.new_tokens) or ((16,) if quick else (16, 64)),
         repeats=args.repeats or (2 if quick else 9),
         per_call=args.batches_per_call,
         control=args.control,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import transformers
 from bench_capture import requests
-from common import machine, table
+from common import machine, numbers, table
 
 from hallulens_models.hf_lm import HalluLensHFLM
 
@@ -216,9 +216,9 @@ def main() -> int:
     model = build_model(TINY if args.tiny else LLAMA_3_1_8B, device)
     model.generate = TimedGenerate(model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
-    writers = [int(w) for w in args.writers.split(",")]
+    writers = numbers(args.writers)
     named = variants(model.config.num_hidden_layers, writers)
-    first, *rest = [int(b) for b in args.batches.split(",")]
+    first, *rest = numbers(args.batches)
     cells = [{"name": f"b{first}", "batch": first, "per_call": 1, "variants": named, "warm": True}]
     if args.per_call > 1:
         cells.append({"name": f"b{first}x{args.per_call}", "batch": first,

@@ -58,6 +58,11 @@ def machine() -> dict[str, object]:
     }
 
 
+def numbers(text: str | None) -> list[int]:
+    """A comma-separated option's whole numbers ([] when it is not given)."""
+    return [int(n) for n in text.split(",")] if text else []
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
