@@ -283,7 +283,7 @@ class Recording(StepLog):
         self._watch_layers(kept.append, lambda lid: kept.append)
 
     def _grab_prefill(self, lid: int, output: object) -> None:
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        hidden = _hidden_states(output)
         length = hidden.shape[1]
         if self._prefill_rows != 0:
             if self._prefill_rows is not None:
@@ -307,7 +307,7 @@ class Recording(StepLog):
         self.lengths.append(self._fed)
         if not self._keep_decode:
             return
-        outputs = [o[0] if isinstance(o, (tuple, list)) else o for o in self._kept]
+        outputs = [_hidden_states(o) for o in self._kept]
         self._kept.clear()
         if len(outputs) != len(self._slots):
             raise CaptureError(
@@ -355,6 +355,12 @@ class Recording(StepLog):
             self._reduction.reduce(tokens.clone(), lambda rows: self.stats.append(_to_host(rows)))
             self._pending = False
         self._on_tokens(tokens)
+
+
+def _hidden_states(output: object) -> torch.Tensor:
+    """A decoder layer's hidden states from what it returned (a tensor, or a tuple whose first
+    item is one, by transformers version and architecture)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _no_tokens(tokens: torch.Tensor) -> None:
